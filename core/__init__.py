@@ -1,0 +1,1 @@
+"""core room of janus_decoding (see ../shared/architecture.md)."""

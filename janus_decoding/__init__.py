@@ -1,0 +1,1 @@
+"""janus-decoding: a plugin registry of decoding strategies for Janus / Janus-Pro."""

@@ -1,0 +1,1 @@
+"""models room of janus_decoding (see ../shared/architecture.md)."""

@@ -1,0 +1,1 @@
+"""plugins room of janus_decoding (see ../shared/architecture.md)."""

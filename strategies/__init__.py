@@ -1,0 +1,1 @@
+"""strategies room of janus_decoding (see ../shared/architecture.md)."""

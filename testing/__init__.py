@@ -1,0 +1,1 @@
+"""testing room of janus_decoding (see ../shared/architecture.md)."""
