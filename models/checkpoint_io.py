@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -51,11 +52,15 @@ Converter = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # torch's weights_only refusal puts the useful part ("Unsupported global: ...") on a later line.
-    detail = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), None)
-    head = lines[0] if lines else type(exc).__name__
-    return f"{head} {detail}" if detail and detail != head else head
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "mmap can only be used" in text:
+        return "legacy (non-zip) pickle file; only torch.save zip checkpoints are read"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # torch's weights_only refusal puts the useful part ("Unsupported global: GLOBAL x.y ...") mid-message.
+    match = re.search(r"Unsupported (?:global: GLOBAL [\w.]+|operand \S+)", text)
+    if match:
+        return match.group(0).strip()
+    return lines[0] if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,11 +220,13 @@ def load_state_into(
                 raise ModelLoadError(f"{path}: unexpected key {src_name!r} (no mapping for it)") from exc
             for key, value in pairs:
                 if key not in expected:
-                    raise ModelLoadError(f"{path}: unexpected key {src_name!r} (the model has no {key!r})")
+                    detail = "" if key == src_name else f" (mapped to {key!r}, which the model lacks)"
+                    raise ModelLoadError(f"{path}: unexpected key {src_name!r}{detail}")
                 if tuple(value.shape) != expected[key]:
+                    target = "the model" if key == src_name else f"the model's {key!r}"
                     raise ModelLoadError(
-                        f"{path}: key {src_name!r} has shape {tuple(value.shape)} but the model's {key!r} "
-                        f"has shape {expected[key]}"
+                        f"{path}: key {src_name!r} has shape {tuple(value.shape)} but {target} expects "
+                        f"{expected[key]}"
                     )
                 if key in filled:
                     raise ModelLoadError(f"{path}: key {key!r} given twice (also in {filled[key].name})")
