@@ -1,1 +1,14 @@
-"""strategies room of janus_decoding (see ../shared/architecture.md)."""
+"""Built-in strategies. They register through the same discovery hook as third-party plugins."""
+
+from janus_decoding.plugins.hookspecs import hookimpl
+
+from .repetition_penalty import RepetitionPenalty
+from .sampling import Temperature, TopK, TopP
+
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty)
+
+
+@hookimpl
+def register_strategies(register) -> None:
+    for cls in BUILTINS:
+        register(cls)

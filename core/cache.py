@@ -1,0 +1,123 @@
+"""The static KV cache: allocated once per run, written in place, read up to the filled length.
+
+Why not transformers' own caches: the hook contract needs per-layer fill lengths (vision-token pruning keeps fewer
+positions in layers >= k), per-row slot validity (KV injection into some rows only) and a truncate-to-step service
+(TwiG rolls a stage back). The decoder layers themselves are transformers' modules; they only call ``update``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Keys and values of every layer in preallocated buffers ``[B, H_kv, L_max, D]``.
+
+    Slot ``j`` of layer ``l`` is visible to row ``b`` iff ``valid[l, b, j]``; ``fill[l]`` is the number of slots
+    written in layer ``l`` (the same for every row: rows that skip an injection get masked slots, never a ragged
+    cache). The loop calls :meth:`begin_write` before each forward, so ``update`` (called by transformers'
+    attention) knows where the new entries go, and :meth:`end_write` after it.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.batch = batch
+        self.max_len = max_len
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid = torch.zeros(num_layers, batch, max_len, dtype=torch.bool, device=device)  # [N, B, L]
+        self.fill = [0] * num_layers  # host ints: lengths are known on the host at every step boundary
+        self.group = [0] * num_layers  # layers with one group id share fill and validity (one mask per group)
+        self.read_len: int | None = None  # slots returned to attention; None = exactly what is filled
+        self._pending = [0] * num_layers  # slots being written by the current forward
+        self._write_slots: list[torch.Tensor] = []
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def begin_write(self, length: int, visible: torch.Tensor | None = None) -> None:
+        """Reserve ``length`` slots after each layer's fill; ``visible`` ``[B, length]`` says who may see them."""
+        if max(self.fill) + length > self.max_len:
+            raise RuntimeError(
+                f"KV cache overflow: {max(self.fill)} + {length} slots > {self.max_len} allocated "
+                "(a strategy grew the cache more than it declared in `kv_growth`)"
+            )
+        device = self.valid.device
+        if visible is None:
+            visible = torch.ones(self.batch, length, dtype=torch.bool, device=device)
+        self._pending = [length] * self.num_layers
+        self._write_slots = [torch.arange(f, f + length, device=device) for f in self.fill]
+        for layer, f in enumerate(self.fill):
+            self.valid[layer, :, f : f + length] = visible
+
+    def restrict_write(self, layers: range, keep: torch.Tensor) -> None:
+        """Mid-forward (prefill): layers in ``layers`` store only the positions ``keep`` ``[B, T']`` of this write."""
+        new_group = max(self.group) + 1
+        n = keep.shape[1]
+        for layer in layers:
+            f, length = self.fill[layer], self._pending[layer]
+            written = self.valid[layer, :, f : f + length].clone()
+            self.valid[layer, :, f : f + length] = False
+            self.valid[layer, :, f : f + n] = torch.gather(written, 1, keep)
+            self._pending[layer] = n
+            self._write_slots[layer] = self._write_slots[layer][:n]
+            self.group[layer] = new_group
+
+    def end_write(self) -> None:
+        for layer in range(self.num_layers):
+            self.fill[layer] += self._pending[layer]
+        self._pending = [0] * self.num_layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' attention hands us the new keys/values ``[B, H_kv, T, D]``; we return the readable cache."""
+        slots = self._write_slots[layer_idx]
+        self.keys[layer_idx].index_copy_(2, slots, key_states.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, slots, value_states.to(self.values[layer_idx].dtype))
+        end = self.read_len if self.read_len is not None else self.written(layer_idx)
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def written(self, layer: int) -> int:
+        """Slots of ``layer`` holding entries, counting those written by the forward in progress."""
+        return self.fill[layer] + self._pending[layer]
+
+    def visible_slots(self, layer: int) -> torch.Tensor:
+        """``[B, L]`` validity of the readable slots of ``layer`` (including those being written now)."""
+        end = self.read_len if self.read_len is not None else self.written(layer)
+        return self.valid[layer, :, :end]
+
+    # -- services --------------------------------------------------------------------------------------------
+    def truncate_to(self, fill: list[int]) -> None:
+        """Forget every slot past ``fill`` (per layer); TwiG's regeneration rolls a stage back this way."""
+        for layer, new in enumerate(fill):
+            if new > self.fill[layer]:
+                raise ValueError(f"cannot truncate layer {layer} to {new} slots: it holds only {self.fill[layer]}")
+            self.valid[layer, :, new:] = False
+            self.fill[layer] = new
+
+    def reset(self) -> None:
+        """Empty the cache (a rebuilt prompt is prefilled from scratch); buffers are kept."""
+        self.valid.zero_()
+        self.fill = [0] * self.num_layers
+        self.group = [0] * self.num_layers
+
+    def add_(self, layer: int, slot: int, d_key: torch.Tensor | None, d_value: torch.Tensor | None,
+             rows: torch.Tensor | None = None) -> None:
+        """In-place additive edit of one cached slot (KV steering); ``d_*`` broadcast to ``[B, H_kv, D]``."""
+        scale = 1.0 if rows is None else rows.view(-1, 1, 1).to(self.keys[layer].dtype)
+        if d_key is not None:
+            self.keys[layer][:, :, slot] += d_key.to(self.keys[layer].dtype) * scale
+        if d_value is not None:
+            self.values[layer][:, :, slot] += d_value.to(self.values[layer].dtype) * scale
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,242 @@
+"""The sampler loop: prefill, the one-token step, and the outer loop, for image and text modes.
+
+One step, in order (image mode): schedule hooks (host, at declared boundaries) → KV-inject hooks → forward one token
+through the layers (hidden-states hooks see the requested layers) → head → pre-logits hooks → guidance → post-CFG
+hooks → sample → record → re-embed. Prefill adds the input-embeddings hook before layer 0 and layer hooks between
+layers. Text mode is the same loop with ``lm_head``, no guidance, and a device-side EOS mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .batch import PromptBatch
+from .cache import StaticKVCache
+from .cfg import apply_guidance, pair_rows, split_branches
+from .protocol import HookRunner, KVAppend, KVEdit, LayerKeep, Rebuild, Rollback
+from .sampling import probabilities, sample_row_rng, sample_torch
+from .state import StepState
+
+EOS_CHECK_EVERY = 8  # text mode: one host sync per this many tokens to see whether every row has finished
+
+
+@dataclass
+class Sampler:
+    greedy: bool = False
+    rng: str = "row"
+    generator: torch.Generator | None = None  # rng="torch"
+
+
+@dataclass
+class _Boundary:
+    """What the loop needs to resume at a step boundary (for rollbacks)."""
+
+    fill: list[int]
+    next_positions: torch.Tensor
+    logits: torch.Tensor | None  # set when a prefill produced this step's logits
+
+
+@dataclass
+class RunResult:
+    tokens: torch.Tensor  # [P, steps]
+    lengths: torch.Tensor  # [P] tokens generated per row (text mode stops at EOS)
+    state: StepState
+    flags: torch.Tensor  # [P] bool: a row whose final logits were NaN, +inf or had no finite entry
+    boundaries: list[int] = field(default_factory=list)
+
+
+def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
+            new_valid: torch.Tensor, *, prefill: bool) -> torch.Tensor:
+    """Run ``[B, T, H]`` embeddings through every layer, writing T slots into the cache; returns the last output.
+
+    During a prefill the layer hooks may shorten the sequence from their layer on; the hidden-states hooks see the
+    last position of the layers they asked for (only those are kept).
+    """
+    adapter, cache = state.adapter, state.cache
+    cache.begin_write(embeds.shape[1], new_valid)
+    cos_sin = adapter.rotary(embeds, positions)
+    wanted = set(hooks.hidden_layers(state))
+    points = set(hooks.layer_points(state)) if prefill else set()
+    keep_inputs = {p - 1 for p in points}
+    captured: dict[int, torch.Tensor] = {}
+    h, masks = embeds, {}
+    for index, layer in enumerate(adapter.layers):
+        if index in points:
+            keep = hooks.layer(state, index, h)
+            if keep is not None:
+                h, positions, cos_sin = _apply_keep(state, keep, index, h, positions, adapter)
+                masks = {}
+        if prefill and index in keep_inputs:
+            state._layer_inputs[index] = h
+        if prefill and index in state.memory.get("_prompt_layers", ()):
+            state._prompt_hidden[index] = h
+        if index in wanted:
+            captured[index] = h[:, -1]
+        group = cache.group[index]
+        if group not in masks:
+            masks[group] = _attention_mask(cache, index, h.shape[1])
+        h = layer(h, masks[group], positions, cache, True, cos_sin)
+    if adapter.num_layers in wanted:
+        captured[adapter.num_layers] = h[:, -1]
+    if prefill and adapter.num_layers in state.memory.get("_prompt_layers", ()):
+        state._prompt_hidden[adapter.num_layers] = h
+    cache.end_write()
+    if captured:
+        hooks.hidden_states(state, captured)
+    return h
+
+
+def _attention_mask(cache: StaticKVCache, layer: int, length: int) -> torch.Tensor:
+    """``[B, 1, T, L]`` bool: visible slots, causal among the ``length`` slots being written now."""
+    visible = cache.visible_slots(layer)  # [B, L]
+    start = cache.fill[layer]
+    slot = torch.arange(visible.shape[1], device=visible.device)
+    causal = slot[None, :] <= (start + torch.arange(length, device=visible.device))[:, None]  # [T, L]
+    return visible[:, None, None, :] & causal[None, None]
+
+
+def _apply_keep(state, keep: LayerKeep, index, h, positions, adapter):
+    if keep.soft:
+        dropped = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        dropped.scatter_(1, keep.positions, False)
+        return h.masked_fill(dropped[..., None], 0.0), positions, adapter.rotary(h, positions)
+    kept = keep.positions  # [B, T']
+    h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
+    positions = torch.gather(positions, 1, kept)
+    state.cache.restrict_write(range(index, adapter.num_layers), kept)
+    return h, positions, adapter.rotary(h, positions)
+
+
+def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor) -> torch.Tensor:
+    """The prompt's forward: input-embeddings hook, layers (with layer hooks), head → logits ``[B, V]``."""
+    embeds = hooks.input_embeddings(state, embeds)
+    h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True)
+    state.next_positions = state.prompt_positions[:, -1] + 1
+    return state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
+
+
+def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
+    """pre-logits hooks → guidance (image mode) → post-CFG hooks → sample → record. ``[B, V]`` → ``[P]`` ids."""
+    logits = hooks.pre_logits(state, logits)
+    if state.mode == "image":
+        cond, uncond = split_branches(logits, state.layout)
+        logits = apply_guidance(cond, uncond, state.current_cfg_weight())
+    logits = hooks.post_cfg(state, logits)  # [P, V]
+    probs = probabilities(logits)
+    if sampler.greedy:
+        tokens = torch.argmax(logits, dim=-1)
+    elif sampler.rng == "row":
+        tokens = sample_row_rng(probs, state.rng_keys, state.step_t)
+    else:
+        tokens = sample_torch(probs, sampler.generator)
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    state.memory["_flags"] |= bad
+    state.last_probs = probs
+    state.generated[:, state.step] = tokens
+    state.history[:, state.history_offset + state.step] = tokens
+    state.history_valid[:, state.history_offset + state.step] = True
+    hooks.after_sample(state, tokens, probs)
+    return tokens
+
+
+def embed_next(state: StepState, tokens: torch.Tensor) -> torch.Tensor:
+    """Sampled ids ``[P]`` → next input embeddings ``[B, 1, H]`` (both rows of a pair get the same token)."""
+    if state.mode == "image":
+        return state.adapter.embed_image_tokens(pair_rows(tokens, state.layout))[:, None]
+    return state.adapter.embed_text(tokens[:, None])
+
+
+def decode_step(state: StepState, hooks: HookRunner, embeds: torch.Tensor) -> torch.Tensor:
+    """Forward one token ``[B, 1, H]`` → logits ``[B, V]`` (fixed shapes; no host syncs)."""
+    valid = torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=embeds.device)
+    h = forward(state, hooks, embeds, state.next_positions[:, None], valid, prefill=False)
+    state.next_positions = state.next_positions + 1
+    return state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
+
+
+def inject(state: StepState, hooks: HookRunner, actions: list[KVAppend | KVEdit]) -> None:
+    """Apply KV-inject actions between steps: appended entries (masked for rows that did not inject) or edits."""
+    for action in actions:
+        if isinstance(action, KVEdit):
+            state.cache.add_(action.layer, action.slot, action.d_key, action.d_value, action.rows)
+            continue
+        embeds = action.embeds if action.embeds is not None else state.adapter.embed_text(action.ids)
+        rows = action.rows if action.rows is not None else torch.ones(embeds.shape[0], dtype=torch.bool,
+                                                                      device=embeds.device)
+        k = embeds.shape[1]
+        positions = state.next_positions[:, None] + torch.arange(k, device=embeds.device)[None]
+        forward(state, _Silent(hooks), embeds, positions, rows[:, None].expand(-1, k), prefill=False)
+        if action.advance:
+            state.next_positions = state.next_positions + k * rows.long()
+
+
+class _Silent:
+    """The hooks as an injection forward sees them: no hidden-state or layer hooks fire on injected entries."""
+
+    def __init__(self, hooks: HookRunner):
+        self._hooks = hooks
+
+    def hidden_layers(self, state):
+        return []
+
+    def layer_points(self, state):
+        return []
+
+
+def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor, sampler: Sampler, *,
+        eos_id: int | None = None, pad_id: int = 0, rebuild: Callable[[StepState, Rebuild], tuple] | None = None,
+        progress: Callable[[int], None] | None = None) -> RunResult:
+    """The outer loop over ``state.total_steps`` steps, with rollbacks and rebuilds from schedule hooks."""
+    hooks.begin(state)
+    state.memory["_flags"] = torch.zeros(state.num_pairs, dtype=torch.bool, device=embeds.device)
+    state.memory["_prompt_layers"] = set(hooks.prompt_layers(state))
+    logits: torch.Tensor | None = prefill(state, hooks, batch, embeds)
+    points = set(hooks.schedule_points(state))
+    boundaries: dict[int, _Boundary] = {}
+    finished = torch.zeros(state.num_pairs, dtype=torch.bool, device=embeds.device)
+    lengths = torch.zeros(state.num_pairs, dtype=torch.long, device=embeds.device)
+    tokens = None
+    t = 0
+    while t < state.total_steps:
+        state.step = t
+        state.step_t.fill_(t)
+        if t > 0 and t in points:
+            action = hooks.schedule(state)
+            if isinstance(action, Rollback):
+                target = boundaries[t - action.steps]
+                state.cache.truncate_to(target.fill)
+                state.next_positions = target.next_positions.clone()
+                state.rng_keys[:, 2] = action.stream
+                state.history_valid[:, state.history_offset + t - action.steps:] = False
+                t -= action.steps
+                logits = target.logits
+                tokens = state.generated[:, t - 1] if t > 0 else None
+                continue
+            if isinstance(action, Rebuild):
+                batch, embeds = rebuild(state, action)
+                state.cache.reset()
+                logits = prefill(state, hooks, batch, embeds)
+        boundaries[t] = _Boundary(list(state.cache.fill), state.next_positions.clone(), logits)
+        if logits is None:
+            inject(state, hooks, hooks.kv_inject(state))
+            logits = decode_step(state, hooks, embed_next(state, tokens))
+        tokens = select_token(state, hooks, logits, sampler)
+        logits = None
+        if state.mode == "text":
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+            state.generated[:, t] = tokens
+            lengths += (~finished).long()
+            if eos_id is not None:
+                finished |= tokens == eos_id
+                if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                    break
+        if progress is not None:
+            progress(1)
+        t += 1
+    if state.mode == "image":
+        lengths.fill_(state.total_steps)
+    hooks.end(state)
+    return RunResult(state.generated, lengths, state, state.memory["_flags"], sorted(boundaries))

@@ -1,0 +1,75 @@
+"""Choosing the next token: greedy, the counter-based row RNG, or a seeded ``torch.Generator``.
+
+``rng="row"`` draws each row's random numbers from a hash of (prompt seed, image index within its prompt, step,
+stream/attempt, vocabulary index) in integer tensor ops, then samples by the exponential race
+``argmax(p / E)`` with ``E = -log(U)`` (equivalent to multinomial sampling; gpt-fast's sync-free trick). A row's
+tokens therefore do not depend on batch size, micro-batching or its neighbours, and the step has no private
+generator, so it traces under ``torch.compile`` and replays under a CUDA graph with fresh numbers (the step lives in
+a device tensor). ``rng="torch"`` is ``torch.multinomial`` with a seeded generator: bit for bit the published recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RNG = Literal["row", "torch"]
+RNGS: tuple[str, ...] = ("row", "torch")
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31, so a 32-bit lane times a multiplier never overflows int64.
+_M1 = 0x7FEB352D
+_M2 = 0x2C1B3C6D
+_M3 = 0x297A2D39
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xorshift-multiply rounds) on int64 tensors holding values in [0, 2**32)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _M3) & _MASK32
+    x = x ^ (x >> 15)
+    return x
+
+
+def row_uniforms(keys: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniforms in (0, 1) of shape ``[R, V]`` from per-row keys ``[R, 3]`` = (seed, image index, stream).
+
+    Pure function of its inputs: the same (seed, image, stream, step, vocab index) always gives the same number.
+    """
+    seed, image, stream = keys[:, 0:1], keys[:, 1:2], keys[:, 2:3]  # [R, 1] each
+    h = _hash32(seed & _MASK32)
+    h = _hash32(h ^ ((seed >> 32) & _MASK32))
+    h = _hash32(h ^ (image & _MASK32))
+    h = _hash32(h ^ (stream & _MASK32))
+    h = _hash32(h ^ (step.to(torch.int64) & _MASK32))  # [R, 1]
+    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64).view(1, -1)  # [1, V]
+    bits = _hash32(h ^ _hash32(vocab + 0x9E3779B))  # [R, V]
+    return ((bits >> 8).to(torch.float64) + 0.5).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sample_row_rng(probs: torch.Tensor, keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Exponential race over fp32 probabilities ``[R, V]`` → ``[R]`` token ids; zero-probability tokens never win."""
+    exp = -torch.log(row_uniforms(keys, step, probs.shape[-1]))  # [R, V], > 0
+    return torch.argmax(probs / exp, dim=-1)
+
+
+def sample_torch(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.multinomial`` on ``[R, V]`` probabilities with a seeded generator → ``[R]``."""
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax of the final logits (a row of all ``-inf`` gives NaN, which the loop flags)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def entropy_nats(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy ``[R]`` in nats of the distribution actually sampled (0·log 0 counted as 0)."""
+    logp = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+    return -(probs * logp).sum(-1)
