@@ -203,6 +203,7 @@ def load_state_into(
     dtype: torch.dtype,
     convert: Converter | None = None,
     optional: frozenset[str] = frozenset(),
+    source_name: Callable[[str], str] | None = None,
 ) -> set[str]:
     """Fill `model` (built by `build_on_meta`) from `shards`, casting floating tensors to `dtype`.
 
@@ -238,8 +239,15 @@ def load_state_into(
     missing = [k for k in expected if k not in filled and k not in optional]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ModelLoadError(f"{next(iter(filled.values()), 'checkpoint')}: missing key {missing[0]!r}{more}")
+        origin = f" (checkpoint name {source_name(missing[0])!r})" if source_name is not None else ""
+        where = files_label if (files_label := _describe(filled)) else "checkpoint"
+        raise ModelLoadError(f"{where}: missing key {missing[0]!r}{origin}{more}")
     return set(filled)
+
+
+def _describe(filled: dict[str, Path]) -> str:
+    folders = {p.parent for p in filled.values()}
+    return str(next(iter(folders))) if len(folders) == 1 else ""
 
 
 def _tie_or_untie(model: nn.Module, filled: set[str], output_key: str, input_key: str, path: Path) -> None:
@@ -263,6 +271,10 @@ def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if leftover:
         raise ModelLoadError(f"internal: {leftover[0]!r} was not filled")
     model.config.dtype = dtype
+    for name in ("text_config", "vision_config", "vq_config"):
+        sub = getattr(model.config, name, None)
+        if sub is not None:
+            sub.dtype = dtype
     model.eval()
     model.requires_grad_(False)
     return model
@@ -273,11 +285,16 @@ def load_janus(folder: Path, raw_config: dict[str, Any], *, dtype: torch.dtype, 
     from transformers import JanusConfig, JanusForConditionalGeneration
 
     convert: Converter | None = None
+    source_name: Callable[[str], str] | None = None
     if source_format == "deepseek":
-        from .deepseek import deepseek_converter, janus_config_from_deepseek
+        from .deepseek import deepseek_converter, hf_to_deepseek_name, janus_config_from_deepseek
 
         config = janus_config_from_deepseek(raw_config, folder=folder)
         convert = deepseek_converter(config)
+
+        def source_name(key: str) -> str:
+            return hf_to_deepseek_name(key)[0]
+
     else:
         try:
             config = JanusConfig.from_dict(raw_config)
@@ -286,7 +303,12 @@ def load_janus(folder: Path, raw_config: dict[str, Any], *, dtype: torch.dtype, 
     files = find_weight_files(folder)
     model = build_on_meta(JanusForConditionalGeneration, config)
     filled = load_state_into(
-        model, iter_checkpoint_shards(files), dtype=dtype, convert=convert, optional=frozenset({"lm_head.weight"})
+        model,
+        iter_checkpoint_shards(files),
+        dtype=dtype,
+        convert=convert,
+        optional=frozenset({"lm_head.weight"}),
+        source_name=source_name,
     )
     _tie_or_untie(model, filled, "lm_head.weight", "model.language_model.embed_tokens.weight", folder)
     return _finish(model, dtype)

@@ -73,9 +73,11 @@ def _read_config_json(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+def _load_tokenizer(folder: Path, config: Any) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # Passing the (converted) config stops AutoTokenizer from re-reading config.json, which it cannot parse
+        # for DeepSeek's multi_modality layout.
+        return AutoTokenizer.from_pretrained(str(folder), config=config, local_files_only=True)
     except Exception as exc:  # transformers raises many kinds; report one line naming the folder
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"{folder}: cannot load the tokenizer ({msg})") from exc
@@ -135,7 +137,7 @@ def load_model(
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = _load_tokenizer(folder)
+    tokenizer = _load_tokenizer(folder, model.config)
     image_processor = None
     if kind == "janus":
         image_processor = _load_image_processor(folder, model.config.vision_config.image_size)

@@ -352,10 +352,10 @@ def write_tiny_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         progress = None
+        total = sum(math.prod(s) for _, s in spec) * torch.finfo(dtype).bits // 8
         if shape != "tiny":
             from tqdm.auto import tqdm
 
-            total = sum(math.prod(s) for _, s in spec) * torch.finfo(dtype).bits // 8
             progress = tqdm(total=total, unit="B", unit_scale=True, desc=f"janus-pro-{shape} ({format})")
         tensors = iter_random_state(spec, seed, dtype)
         if format == "hf":
@@ -367,7 +367,9 @@ def write_tiny_checkpoint(
         else:
             from .deepseek import write_deepseek_folder
 
-            write_deepseek_folder(tmp, config, tensors, tokenizer, progress=progress)
+            write_deepseek_folder(
+                tmp, config, tensors, tokenizer, seed=seed, dtype=dtype, total_bytes=total, progress=progress
+            )
         if progress is not None:
             progress.close()
         _write_marker(tmp, kind="janus", seed=seed, format=format, shape=shape)
