@@ -72,8 +72,10 @@ def run_images(adapter: ModelAdapter, hooks: HookRunner, requests: Sequence[Imag
 
 def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampler: Sampler, seeds: Sequence[int], pixel_values: Sequence[torch.Tensor | None] | None = None,
-             prompts: Sequence[str] = (), progress: Callable[[int], None] | None = None) -> RunResult:
-    """Generate up to ``max_new_tokens`` per prompt (stopping at EOS); image features fill placeholder slots."""
+             prompts: Sequence[str] = (), progress: Callable[[int], None] | None = None,
+             eos_id: int | None = -1) -> RunResult:
+    """Generate up to ``max_new_tokens`` per prompt (stopping at EOS: the tokenizer's unless ``eos_id`` is given,
+    ``None`` = never stop early); image features fill placeholder slots."""
     batch = left_pad(prompt_ids, adapter.pad_id, adapter.device)
     embeds = adapter.embed_text(batch.ids)
     image_mask = None
@@ -93,7 +95,7 @@ def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequ
                        indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch)
     state.image_token_mask = image_mask
     state.pixel_values = list(pixel_values) if pixel_values is not None else None
-    return run(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id, pad_id=adapter.pad_id,
+    return run(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id, pad_id=adapter.pad_id,
                progress=progress)
 
 
@@ -123,7 +125,9 @@ def _new_state(adapter, hooks, batch: PromptBatch, *, mode, layout, steps, seeds
     probe.generated = torch.zeros(pairs, steps, dtype=torch.long, device=device)
     if history_prefix is not None:  # text: transformers' semantics, the prompt counts as history
         probe.history = torch.cat([history_prefix.ids, probe.generated], 1)
-        probe.history_valid = torch.cat([history_prefix.valid, torch.zeros_like(probe.generated, dtype=torch.bool)], 1)
+        # transformers' RepetitionPenaltyLogitsProcessor sees every input id, left padding included
+        probe.history_valid = torch.cat([torch.ones_like(history_prefix.valid),
+                                         torch.zeros_like(probe.generated, dtype=torch.bool)], 1)
         probe.history_offset = history_prefix.ids.shape[1]
     else:  # image: the pair's generated image tokens only
         probe.history = torch.zeros_like(probe.generated)

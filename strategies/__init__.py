@@ -2,10 +2,11 @@
 
 from janus_decoding.plugins.hookspecs import hookimpl
 
+from .dola import DoLa
 from .repetition_penalty import RepetitionPenalty
 from .sampling import Temperature, TopK, TopP
 
-BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty)
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa)
 
 
 @hookimpl
