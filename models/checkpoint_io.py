@@ -121,35 +121,60 @@ def find_weight_files(folder: Path) -> list[Path]:
     raise ModelLoadError(f"{folder}: no weights found (looked for {looked})")
 
 
-def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read one weights file to CPU tensors (memory-mapped where the format allows)."""
+class _SafetensorsShard:
+    """The tensors of one .safetensors file, read one at a time on `pop` (peak memory: one tensor)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._path = path
+        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self._names = list(self._file.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def pop(self, name: str) -> torch.Tensor:
+        self._names.remove(name)
+        try:
+            return self._file.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelLoadError(f"{self._path}: cannot read tensor {name!r} ({_one_line(exc)})") from exc
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor] | _SafetensorsShard:
+    """Open one weights file: a lazy reader for .safetensors, a memory-mapped dict for torch .bin files.
+
+    Both support iteration over names and `pop(name)`.
+    """
     path = Path(path)
     if path.name.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
-            state = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
+            return _SafetensorsShard(path)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
             raise ModelLoadError(f"{path}: unreadable safetensors file ({_one_line(exc)})") from exc
-    elif path.name.endswith(".bin") or path.name.endswith(".pt") or path.name.endswith(".pth"):
+    if path.name.endswith((".bin", ".pt", ".pth")):
         try:
             state = torch.load(str(path), weights_only=True, mmap=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... ; report one line
             raise ModelLoadError(
                 f"{path}: refused: not a plain tensor checkpoint (torch.load weights_only=True: {_one_line(exc)})"
             ) from exc
-    else:
-        raise ModelLoadError(f"{path}: unknown weights file type (expected .safetensors or .bin)")
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ModelLoadError(f"{path}: not a mapping of tensor names to tensors")
-    return state
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise ModelLoadError(f"{path}: not a mapping of tensor names to tensors")
+        return state
+    raise ModelLoadError(f"{path}: unknown weights file type (expected .safetensors or .bin)")
 
 
-def iter_checkpoint_shards(files: list[Path]) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yield `(file, state_dict)` one file at a time."""
+def iter_checkpoint_shards(
+    files: list[Path],
+) -> Iterator[tuple[Path, dict[str, torch.Tensor] | _SafetensorsShard]]:
+    """Yield `(file, tensors)` one file at a time (see `read_weight_file`)."""
     for path in files:
         yield path, read_weight_file(path)
 
@@ -198,14 +223,15 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 def load_state_into(
     model: nn.Module,
-    shards: Iterator[tuple[Path, dict[str, torch.Tensor]]],
+    shards: Iterator[tuple[Path, dict[str, torch.Tensor] | _SafetensorsShard]],
     *,
     dtype: torch.dtype,
+    device: torch.device | str = "cpu",
     convert: Converter | None = None,
     optional: frozenset[str] = frozenset(),
     source_name: Callable[[str], str] | None = None,
 ) -> set[str]:
-    """Fill `model` (built by `build_on_meta`) from `shards`, casting floating tensors to `dtype`.
+    """Fill `model` (built by `build_on_meta`) from `shards`, casting floating tensors to `dtype` on `device`.
 
     Every persistent state-dict key of the model must be filled exactly once, except those in `optional` (e.g. a
     tied `lm_head.weight`). Returns the set of filled keys. Errors name the key and the file.
@@ -232,7 +258,8 @@ def load_state_into(
                 if key in filled:
                     raise ModelLoadError(f"{path}: key {key!r} given twice (also in {filled[key].name})")
                 # A copy: the model owns contiguous memory, not a view into the file's mapping or a fused tensor.
-                value = value.to(dtype=dtype if value.is_floating_point() else value.dtype, copy=True)
+                target_dtype = dtype if value.is_floating_point() else value.dtype
+                value = value.to(device=device, dtype=target_dtype, copy=True)
                 _set_tensor(model, key, value.contiguous())
                 filled[key] = path
         del state
@@ -265,11 +292,12 @@ def _tie_or_untie(model: nn.Module, filled: set[str], output_key: str, input_key
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
-def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _finish(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     leftover = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     leftover += [name for name, b in model.named_buffers() if b.device.type == "meta"]
     if leftover:
         raise ModelLoadError(f"internal: {leftover[0]!r} was not filled")
+    model.to(device)  # the weights are there already; this moves the buffers built on the CPU
     model.config.dtype = dtype
     for name in ("text_config", "vision_config", "vq_config"):
         sub = getattr(model.config, name, None)
@@ -280,7 +308,14 @@ def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def load_janus(folder: Path, raw_config: dict[str, Any], *, dtype: torch.dtype, source_format: str) -> nn.Module:
+def load_janus(
+    folder: Path,
+    raw_config: dict[str, Any],
+    *,
+    dtype: torch.dtype,
+    source_format: str,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
     """Build a `JanusForConditionalGeneration` from a transformers or DeepSeek folder and fill it."""
     from transformers import JanusConfig, JanusForConditionalGeneration
 
@@ -306,19 +341,22 @@ def load_janus(folder: Path, raw_config: dict[str, Any], *, dtype: torch.dtype, 
         model,
         iter_checkpoint_shards(files),
         dtype=dtype,
+        device=device,
         convert=convert,
         optional=frozenset({"lm_head.weight"}),
         source_name=source_name,
     )
     _tie_or_untie(model, filled, "lm_head.weight", "model.language_model.embed_tokens.weight", folder)
-    return _finish(model, dtype)
+    return _finish(model, dtype, device)
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
-def load_causal_lm(folder: Path, raw_config: dict[str, Any], *, dtype: torch.dtype) -> nn.Module:
+def load_causal_lm(
+    folder: Path, raw_config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
     """Build an `AutoModelForCausalLM` for a plain text model folder (e.g. LLaMA) and fill it."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -339,8 +377,8 @@ def load_causal_lm(folder: Path, raw_config: dict[str, Any], *, dtype: torch.dty
     output = model.get_output_embeddings()
     out_key = f"{_module_name(model, output)}.weight" if output is not None else None
     optional = frozenset({out_key}) if out_key else frozenset()
-    filled = load_state_into(model, iter_checkpoint_shards(files), dtype=dtype, optional=optional)
+    filled = load_state_into(model, iter_checkpoint_shards(files), dtype=dtype, device=device, optional=optional)
     if out_key is not None:
         in_key = f"{_module_name(model, model.get_input_embeddings())}.weight"
         _tie_or_untie(model, filled, out_key, in_key, folder)
-    return _finish(model, dtype)
+    return _finish(model, dtype, device)

@@ -500,17 +500,19 @@ def write_deepseek_folder(
         written.append((part, list(shard)))
         shard, size, index = {}, 0, index + 1
 
-    def all_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        yield from iter_deepseek_state(hf_tensors)
-        yield from extras()
+    def all_tensors() -> Iterator[tuple[str, torch.Tensor, bool]]:
+        for name, tensor in iter_deepseek_state(hf_tensors):
+            yield name, tensor, True
+        for name, tensor in extras():
+            yield name, tensor, False  # not part of the model: not counted in `progress`
 
-    for name, tensor in all_tensors():
+    for name, tensor, counted in all_tensors():
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > per_shard and index < n_shards:
             flush()
         shard[name] = tensor
         size += nbytes
-        if progress is not None:
+        if progress is not None and counted:
             progress.update(nbytes)
     flush()
     count = len(written)

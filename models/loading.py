@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .tokenizer import PAD_TOKEN
+
 __all__ = ["LoadedModel", "ModelLoadError", "default_cache_dir", "load_model"]
 
 TINY = "tiny"
@@ -63,7 +65,7 @@ def _tiny_folder() -> Path:
 def _read_config_json(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{path}: missing config.json")
+        raise ModelLoadError(f"{folder}: missing config.json")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -125,19 +127,19 @@ def load_model(
     model_type = raw.get("model_type")
 
     if model_type == "janus":
-        model = load_janus(folder, raw, dtype=dtype, source_format="hf")
+        model = load_janus(folder, raw, dtype=dtype, device=device, source_format="hf")
         kind, source = "janus", "hf"
     elif model_type == "multi_modality":
-        model = load_janus(folder, raw, dtype=dtype, source_format="deepseek")
+        model = load_janus(folder, raw, dtype=dtype, device=device, source_format="deepseek")
         kind, source = "janus", "deepseek"
     else:
-        model = load_causal_lm(folder, raw, dtype=dtype)
+        model = load_causal_lm(folder, raw, dtype=dtype, device=device)
         kind, source = "causal_lm", "causal_lm"
 
-    model.to(device)
-    model.eval()
-    model.requires_grad_(False)
     tokenizer = _load_tokenizer(folder, model.config)
+    if kind == "janus" and tokenizer.pad_token is None and PAD_TOKEN in tokenizer.get_vocab():
+        # DeepSeek's tokenizer_config.json ships `pad_token: null`; its processor pads with this token by string.
+        tokenizer.pad_token = PAD_TOKEN
     image_processor = None
     if kind == "janus":
         image_processor = _load_image_processor(folder, model.config.vision_config.image_size)

@@ -36,7 +36,6 @@ from transformers import (
     JanusVQVAEConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from .tokenizer import BOI_TOKEN, IMAGE_TOKEN, build_tokenizer, save_tokenizer
@@ -217,8 +216,26 @@ def _check_target(folder: Path) -> None:
         raise FileExistsError(f"{folder}: folder is not empty and is not a tiny checkpoint; refusing to write")
 
 
+def _same_marker(a: Path, b: Path) -> bool:
+    try:
+        return json.loads((a / TINY_MARKER).read_text()) == json.loads((b / TINY_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _publish(tmp: Path, folder: Path) -> None:
     """Move the finished `tmp` folder to `folder`, replacing a previous tiny checkpoint there."""
+    # mkdtemp makes a private (0700) folder and some writers create 0600 files: use ordinary permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)
+    for item in tmp.iterdir():
+        item.chmod(0o666 & ~mask)
+    if _same_marker(tmp, folder):
+        # An identical checkpoint (same generator version, kind, seed, format, shape) is already in place, maybe
+        # written by a concurrent process that is reading it now: keep it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if folder.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
@@ -400,8 +417,3 @@ def write_tiny_llama(folder: str | os.PathLike[str], *, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-def tokenizer_for_tests() -> PreTrainedTokenizerFast:
-    """The tiny tokenizer (same as `build_tokenizer()`); here so tests need one import."""
-    return build_tokenizer()

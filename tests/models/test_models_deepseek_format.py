@@ -102,3 +102,20 @@ def test_missing_original_key_is_named(tiny_deepseek: Path, tmp_path: Path) -> N
         load_model(folder)
     message = str(info.value)
     assert "missing key 'model.generation_embeddings.weight'" in message and repr(victim) in message
+
+
+def test_deepseek_style_tokenizer_config(tiny_deepseek: Path, tmp_path: Path) -> None:
+    """DeepSeek ships tokenizer_class LlamaTokenizer and pad_token null; the pad token is found by string."""
+    folder = shutil.copytree(tiny_deepseek, tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update({"tokenizer_class": "LlamaTokenizer", "pad_token": None})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    special = json.loads((folder / "special_tokens_map.json").read_text())
+    special.pop("pad_token")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    loaded = load_model(folder)
+    reference = load_model(tiny_deepseek).tokenizer
+    assert loaded.tokenizer.pad_token == "<｜▁pad▁｜>"
+    assert loaded.tokenizer.pad_token_id == reference.pad_token_id
+    text = "<|User|>: a red cube\n\n<|Assistant|>:<begin_of_image>"
+    assert loaded.tokenizer(text).input_ids == reference(text).input_ids

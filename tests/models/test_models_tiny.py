@@ -140,3 +140,38 @@ def test_plain_llama_loads_as_causal_lm(tiny_llama: Path) -> None:
     ids = loaded.tokenizer("hello there", return_tensors="pt").input_ids
     with torch.no_grad():
         assert loaded.model(input_ids=ids).logits.shape[-1] == len(loaded.tokenizer)
+
+
+def test_sharded_safetensors_round_trip(tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import janus_decoding.models.tiny as tiny
+
+    monkeypatch.setattr(tiny, "_SHARD_BYTES", 1_000_000)
+    folder = write_tiny_checkpoint(tmp_path / "sharded")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (folder / "model.safetensors").exists()
+    a, b = load_model(tiny_hf).model, load_model(folder).model
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="format"):
+        write_tiny_checkpoint(tmp_path / "a", format="gguf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shape"):
+        write_tiny_checkpoint(tmp_path / "b", shape="70b")  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+
+
+def test_full_shape_config_uses_tiny_tokenizer_ids() -> None:
+    from janus_decoding.models.tiny import _full_shape_config
+
+    tok = build_tokenizer()
+    for shape, hidden in (("1b", 2048), ("7b", 4096)):
+        cfg = _full_shape_config(shape)
+        assert cfg.text_config.vocab_size == 102400 and cfg.text_config.hidden_size == hidden
+        assert cfg.image_token_id == tok.convert_tokens_to_ids("<image_placeholder>") < 102400
+        assert cfg.text_config.bos_token_id == tok.bos_token_id
+        assert cfg.vq_config.num_embeddings == 16384 and cfg.vision_config.num_image_tokens == 576
+        assert cfg.tie_word_embeddings is False
