@@ -182,10 +182,12 @@ class Decoder:
             if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise StrategyOutputError(f"`{s.name}` ({point}) returned {shape}, expected {tuple(logits.shape)}")
-            bad = torch.stack([torch.isnan(out).any(-1), torch.isposinf(out).any(-1),
-                               ~(torch.isfinite(out).any(-1))])  # [3, R]
+            # One reduction per boundary: a row's max is NaN if it holds a NaN, +inf if it holds +inf and -inf if
+            # it has no finite logit; keep the last such value per row (read once, after the run).
+            top = out.amax(-1)  # [R]
             key = (s.name, point)
-            flags[key] = flags[key] | bad if key in flags else bad
+            seen = flags.get(key)
+            flags[key] = torch.where(torch.isfinite(top), torch.zeros_like(top) if seen is None else seen, top)
             logits = out
         return logits
 
@@ -215,12 +217,12 @@ class Decoder:
 
     def raise_on_bad_boundaries(self, state: StepState) -> None:
         """Read the boundary flags once (one host sync per run) and name the first strategy that misbehaved."""
-        for (name, point), flags in state.memory.get("_boundary_flags", {}).items():
-            hits = flags.any(-1).tolist()
-            for what, hit in zip(("NaN", "+inf", "a row with no finite logit"), hits):
-                if hit:
-                    rows = flags[["NaN", "+inf", "a row with no finite logit"].index(what)].nonzero().flatten()
-                    raise StrategyOutputError(f"`{name}` ({point}) produced {what} (rows {rows.tolist()})")
+        for (name, point), seen in state.memory.get("_boundary_flags", {}).items():
+            for what, hit in (("NaN", torch.isnan(seen)), ("+inf", torch.isposinf(seen)),
+                              ("a row with no finite logit", torch.isneginf(seen))):
+                if bool(hit.any()):
+                    raise StrategyOutputError(f"`{name}` ({point}) produced {what} "
+                                              f"(rows {hit.nonzero().flatten().tolist()})")
 
     # -- the Python API (plugins/generation.py) ---------------------------------------------------------------
     def generate_images(self, model: Any, prompts: str | Sequence[str], **kwargs: Any):
