@@ -94,3 +94,27 @@ def test_image_mode_dola_runs_and_keeps_pairs_per_row(tiny_model) -> None:
     assert together.tokens.shape[-1] == tiny_model.image_grid[0] * tiny_model.image_grid[1]
     # selection="row" is the image default: a prompt's tokens do not depend on its batch neighbours
     assert torch.equal(together.tokens[1], alone.tokens[0])
+
+
+def test_cli_runs_dola_in_generate_understand_and_chat(tmp_path, tiny_model) -> None:
+    from click.testing import CliRunner
+
+    from janus_decoding.cli import main
+    from janus_decoding.models.tiny import write_tiny_llama
+
+    model = tiny_model.name
+    spec = 'repetition_penalty(penalty=1.2) > dola(layers="high", alpha=0.1)'
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["generate", "a red cube", "--model", model, "-n", "2", "--decoder", spec,
+                                  "--out", str(out), "--explain"])
+    assert result.exit_code == 0, result.output
+    assert "premature_layers" in result.output and len(list(out.glob("00000_a_red_cube_[01].png"))) == 2
+    picture = next(out.glob("00000_a_red_cube_0.png"))
+    result = runner.invoke(main, ["understand", str(picture), "What is in the picture?", "--model", model,
+                                  "--decoder", spec, "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    llama = write_tiny_llama(tmp_path / "llama")
+    result = runner.invoke(main, ["chat", "Hello there", "--model", str(llama), "--decoder",
+                                  'dola(layers="low") > repetition_penalty(penalty=1.2)', "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
