@@ -1,1 +1,9 @@
-"""testing room of janus_decoding (see ../shared/architecture.md)."""
+"""The author kit: check a strategy against the hook contract, and hypothesis strategies for its tensors.
+
+    >>> from janus_decoding.testing import check_strategy
+    >>> check_strategy(MyStrategy, my_param=0.5)  # raises ContractError naming the broken property
+"""
+
+from .contract import ContractError, StubState, check_strategy, run_contract
+
+__all__ = ["ContractError", "StubState", "check_strategy", "run_contract"]
