@@ -245,6 +245,8 @@ def load_state_into(
                 pairs = convert(src_name, tensor) if convert is not None else [(src_name, tensor)]
             except UnmappedKeyError as exc:
                 raise ModelLoadError(f"{path}: unexpected key {src_name!r} (no mapping for it)") from exc
+            except ValueError as exc:  # a converter that cannot split or reshape the tensor
+                raise ModelLoadError(f"{path}: {exc}") from exc
             for key, value in pairs:
                 if key not in expected:
                     detail = "" if key == src_name else f" (mapped to {key!r}, which the model lacks)"
@@ -267,7 +269,7 @@ def load_state_into(
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         origin = f" (checkpoint name {source_name(missing[0])!r})" if source_name is not None else ""
-        where = files_label if (files_label := _describe(filled)) else "checkpoint"
+        where = _describe(filled) or "checkpoint"
         raise ModelLoadError(f"{where}: missing key {missing[0]!r}{origin}{more}")
     return set(filled)
 
@@ -325,7 +327,7 @@ def load_janus(
         from .deepseek import deepseek_converter, hf_to_deepseek_name, janus_config_from_deepseek
 
         config = janus_config_from_deepseek(raw_config, folder=folder)
-        convert = deepseek_converter(config)
+        convert = deepseek_converter()
 
         def source_name(key: str) -> str:
             return hf_to_deepseek_name(key)[0]

@@ -199,13 +199,16 @@ def hf_to_deepseek_name(name: str) -> tuple[str, int | None]:
     raise UnmappedKeyError(name)
 
 
-def deepseek_converter(config: JanusConfig) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
-    """A `checkpoint_io.Converter` from original tensors to transformers tensors (splits qkv, reshapes pos_embed)."""
+def deepseek_converter() -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """A `checkpoint_io.Converter` from original tensors to transformers tensors (splits qkv, reshapes pos_embed).
+
+    Raises `UnmappedKeyError` for an unknown name and `ValueError` for a qkv tensor that does not split in 3.
+    """
     def convert(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         targets = deepseek_to_hf_names(name)
         if len(targets) == 3:
             if tensor.shape[0] % 3:
-                raise ModelLoadError(f"key {name!r}: fused qkv of shape {tuple(tensor.shape)} does not split in 3")
+                raise ValueError(f"key {name!r}: fused qkv of shape {tuple(tensor.shape)} does not split in 3")
             return list(zip(targets, tensor.chunk(3, dim=0), strict=True))
         if name == _POS_EMBED[0] and tensor.dim() == 3 and tensor.shape[0] == 1:
             tensor = tensor[0]  # (1, N, D) -> (N, D); checkpoint_io checks N against the model

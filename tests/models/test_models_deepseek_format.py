@@ -119,3 +119,13 @@ def test_deepseek_style_tokenizer_config(tiny_deepseek: Path, tmp_path: Path) ->
     assert loaded.tokenizer.pad_token_id == reference.pad_token_id
     text = "<|User|>: a red cube\n\n<|Assistant|>:<begin_of_image>"
     assert loaded.tokenizer(text).input_ids == reference(text).input_ids
+
+
+def test_qkv_that_does_not_split_in_three(tiny_deepseek: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(tiny_deepseek, tmp_path / "m")
+    key = "vision_model.vision_tower.blocks.0.attn.qkv.bias"
+    _edit_first_shard(folder, lambda s: s.__setitem__(key, torch.zeros(100)))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder)
+    message = str(info.value)
+    assert key in message and "split in 3" in message and "pytorch_model-00001-of-00002.bin" in message
