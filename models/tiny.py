@@ -346,7 +346,7 @@ def write_tiny_checkpoint(
     `format="hf"`: transformers' layout (config.json of model_type "janus", safetensors, generation_config.json).
     `format="deepseek"`: DeepSeek's original layout (model_type "multi_modality", `.bin` shards, same weights).
     `shape="tiny"` is the tiny model of this module (float32, 1.28 M parameters, about 5 MB); `"1b"`/`"7b"` are
-    Janus-Pro's real sizes     (bfloat16 on disk, drawn chunk by chunk; several GB and minutes to write).
+    Janus-Pro's real sizes (bfloat16 on disk, drawn chunk by chunk; several GB and minutes to write).
 
     Refuses a non-empty folder unless it holds a previous checkpoint written here. Everything is written into a
     temporary sibling folder that is renamed into place at the end, so a crash leaves nothing half-written.
