@@ -135,11 +135,21 @@ def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, samp
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
     state.memory["_flags"] |= bad
     state.last_probs = probs
-    state.generated[:, state.step] = tokens
-    state.history[:, state.history_offset + state.step] = tokens
-    state.history_valid[:, state.history_offset + state.step] = True
+    record(state, tokens)
     hooks.after_sample(state, tokens, probs)
     return tokens
+
+
+def record(state: StepState, tokens: torch.Tensor) -> None:
+    """Write ids ``[P]`` at column ``step_t`` of the generated ids and of the history.
+
+    The column is the device step (not the host ``state.step``), so a captured step records where each replay is.
+    """
+    column = state.step_t.view(1)  # [1]
+    state.generated.index_copy_(1, column, tokens[:, None])
+    history_column = column + state.history_offset
+    state.history.index_copy_(1, history_column, tokens[:, None])
+    state.history_valid.index_fill_(1, history_column, True)
 
 
 def embed_next(state: StepState, tokens: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,13 @@ def _image_prompt_rows(adapter, prompts: Sequence[str], negatives: Sequence[str 
 
 
 def run_images(adapter: ModelAdapter, hooks: HookRunner, requests: Sequence[ImageRequest], *, cfg: CFGConfig,
-               sampler: Sampler, progress: Callable[[int], None] | None = None) -> RunResult:
-    """Generate the full image-token grid for each request; returns tokens ``[P, rows·cols]``."""
+               sampler: Sampler, progress: Callable[[int], None] | None = None,
+               loop: Callable[..., RunResult] = run) -> RunResult:
+    """Generate the full image-token grid for each request; returns tokens ``[P, rows·cols]``.
+
+    ``loop`` is the outer loop to hand the run to: :func:`core.loop.run` (eager) or one with its signature, such as
+    :class:`core.graph.FastLoop` (CUDA graphs).
+    """
     adapter.require_janus("image generation")
     rows, cols = adapter.image_grid
     steps = rows * cols
@@ -67,7 +72,7 @@ def run_images(adapter: ModelAdapter, hooks: HookRunner, requests: Sequence[Imag
         st.prompt_ids, st.attention_mask, st.prompt_positions = full.ids, full.valid, full.positions
         return full, embeds
 
-    return run(state, hooks, batch, adapter.embed_text(batch.ids), sampler, rebuild=rebuild, progress=progress)
+    return loop(state, hooks, batch, adapter.embed_text(batch.ids), sampler, rebuild=rebuild, progress=progress)
 
 
 def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -1,0 +1,458 @@
+"""Seconds per image batch, side by side in one process: DeepSeek's published loop, this project's eager loop and
+its graph loop (``core/graph.py``), with peak GPU memory, the memory-bandwidth floor and a greedy correctness check.
+
+    python -m benchmarks.generate --shape {tiny,1b,7b} --parallel 16 --decoder SPEC --json [--runs 3] [--check]
+
+Models are random weights built in memory from ``models/shapes.py`` (bf16 on CUDA, fp32 on CPU) with the tiny
+tokenizer. Paths:
+
+- ``reference``: written here from the recipe in DeepSeek's ``generation_inference.py`` (shared/reference/janus.md §5):
+  interleaved cond/uncond rows (uncond rows padded except the first and last token), transformers' dynamic cache
+  through ``model.model.language_model(inputs_embeds=…, past_key_values=…, use_cache=True)``, ``gen_head``,
+  ``u + w(c − u)``, softmax, ``torch.multinomial``, re-embedding. It knows no strategy: it is plain CFG sampling.
+- ``eager``: ``core.runs.run_images`` with the core loop and the ``--decoder`` strategies.
+- ``graph*``: the same with ``loop=FastLoop(options)``, one entry per variant of ``core.graph.FastOptions``. Without
+  CUDA the graph variants are skipped and ``graph-free`` (the fast step without capture) is timed instead.
+
+Each path: one warm-up batch, then ``--runs`` timed batches (CUDA events), median reported; peak memory is
+``torch.cuda.max_memory_allocated`` over the warm-up and timed batches (weights included). The floor reads every
+weight the step uses plus each row's filled KV once per step at the measured device-copy bandwidth
+(shared/reference/performance.md §3). ``--check`` runs the eager loop and the default graph variant greedily with the
+logits of every step recorded and compares them while their inputs agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
+from janus_decoding.core.loop import Sampler, run
+from janus_decoding.core.runs import ImageRequest, run_images
+from janus_decoding.plugins.decoder import Decoder
+from janus_decoding.plugins.strategy import Strategy
+
+PROMPT = "A close-up photo of a red fox sitting in fresh snow, golden hour light"
+VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; flash last (a private aten entry)
+    "graph": FastOptions(),  # fused layers, sdpa over 64-slot buckets
+    "graph-full": FastOptions(bucket=0),  # fused layers, sdpa over the whole cache (one graph)
+    "graph-modules": FastOptions(layers="transformers"),  # transformers' layer modules, sdpa buckets
+    "graph-flash": FastOptions(attention="flash"),  # fused layers, flash reading exactly the filled length
+}
+
+
+def _log(message: str) -> None:
+    print(f"[generate] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: random weights in memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _janus_config(shape: str):
+    if shape == "tiny":
+        from janus_decoding.models.tiny import tiny_janus_config
+
+        return tiny_janus_config()
+    from janus_decoding.models.shapes import janus_pro_config
+
+    return janus_pro_config(shape)
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A ``JanusAdapter`` over a random Janus of ``shape``: N(0, 1/fan_in) matrices, norms 1 + 0.1·N, biases 0.02·N."""
+    from transformers import JanusForConditionalGeneration
+
+    from janus_decoding.models.adapter import JanusAdapter
+    from janus_decoding.models.checkpoint_io import build_on_meta
+    from janus_decoding.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = _janus_config(shape)
+    for cfg in (config, config.text_config):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                                tokenizer.pad_token_id)
+    config.dtype = dtype
+    config.text_config.dtype = dtype
+    model = build_on_meta(JanusForConditionalGeneration, config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        if value.dim() == 1:
+            scale, offset = (0.1, 1.0) if "norm" in module_name.rsplit(".", 1)[-1] or "norm" in leaf else (0.02, 0.0)
+        else:
+            scale, offset = 1.0 / math.sqrt(math.prod(value.shape[1:])), 0.0
+        value.normal_(0.0, 1.0, generator=generator).mul_(scale).add_(offset)
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return JanusAdapter(model, tokenizer, None, name=f"random janus-pro-{shape}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference loop (DeepSeek's recipe)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def reference_generate(adapter, prompt_ids: list[int], parallel: int, *, cfg_weight: float, steps: int,
+                       temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Image tokens ``[parallel, steps]`` by the published loop (dynamic cache, one token per forward)."""
+    model = adapter.model
+    language_model = model.model.language_model
+    tokens = torch.tensor(prompt_ids, dtype=torch.int32, device=adapter.device).repeat(2 * parallel, 1)  # [2P, T]
+    tokens[1::2, 1:-1] = adapter.pad_id  # odd rows unconditional: BOS and the final begin-of-image token kept
+    inputs_embeds = language_model.get_input_embeddings()(tokens)
+    generated = torch.zeros(parallel, steps, dtype=torch.int64, device=adapter.device)
+    past_key_values = None
+    for i in range(steps):
+        outputs = language_model(inputs_embeds=inputs_embeds, use_cache=True, past_key_values=past_key_values)
+        past_key_values = outputs.past_key_values
+        logits = model.model.generation_head(outputs.last_hidden_state[:, -1, :])  # [2P, V]
+        logit_cond, logit_uncond = logits[0::2, :], logits[1::2, :]
+        logits = logit_uncond + cfg_weight * (logit_cond - logit_uncond)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        next_token = torch.multinomial(probs, num_samples=1, generator=generator)  # [P, 1]
+        generated[:, i] = next_token.squeeze(dim=-1)
+        next_token = torch.cat([next_token, next_token], dim=1).view(-1)  # [2P]: (cond, uncond) per image
+        inputs_embeds = model.prepare_embeddings_for_image_generation(next_token).unsqueeze(dim=1)
+    return generated
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clean(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_path(fn: Callable[[], Any], runs: int, device: torch.device) -> dict[str, Any]:
+    """One warm-up call, then ``runs`` timed calls; seconds per call and peak memory."""
+    _clean(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    warmup = time.perf_counter() - start
+    seconds = []
+    for _ in range(runs):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            seconds.append(begin.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"median_s": statistics.median(seconds), "seconds": seconds, "warmup_s": warmup}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out
+
+
+def measure_device(device: torch.device) -> dict[str, float]:
+    """Device-to-device copy bandwidth (bytes read + written) and a bf16 GEMM rate, as the floor's ceilings."""
+    if device.type != "cuda":
+        return {}
+    x = torch.empty(1 << 30, dtype=torch.bfloat16, device=device).normal_()
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    end.synchronize()
+    copy_tb_s = 2 * x.numel() * x.element_size() * 10 / (begin.elapsed_time(end) / 1000) / 1e12
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    begin.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    tflops = 2 * 8192**3 * 10 / (begin.elapsed_time(end) / 1000) / 1e12
+    del a, b
+    _clean(device)
+    return {"copy_tb_s": copy_tb_s, "gemm_bf16_tflops": tflops}
+
+
+def floor(adapter, rows: int, prompt_len: int, steps: int, max_len: int, ceilings: dict[str, float]) -> dict[str, Any]:
+    """Seconds per batch if each step read its weights and each row's filled KV once (performance.md §3)."""
+    if not ceilings:
+        return {}
+    bandwidth = ceilings["copy_tb_s"] * 1e12
+    janus = adapter.model.model
+    modules = [adapter.lm.layers, adapter.lm.norm, janus.generation_head, janus.generation_aligner]
+    weight_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    slot_bytes = 2 * adapter.num_layers * adapter.num_kv_heads * adapter.head_dim * adapter.dtype.itemsize * rows
+    filled = [prompt_len + t for t in range(1, steps)]  # slots read by decode step t (its own included)
+    decode = sum(weight_bytes + slot_bytes * f for f in filled) / bandwidth
+    decode_b64 = sum(weight_bytes + slot_bytes * min(max_len, -(-f // 64) * 64) for f in filled) / bandwidth
+    decode_full = (steps - 1) * (weight_bytes + slot_bytes * max_len) / bandwidth
+    layer_params = sum(p.numel() for p in adapter.lm.layers.parameters())
+    prefill = max(weight_bytes / bandwidth, 2 * layer_params * rows * prompt_len / (ceilings["gemm_bf16_tflops"] * 1e12))
+    return {
+        "weight_gb_per_step": weight_bytes / 1e9,
+        "kv_gb_per_step_mean": slot_bytes * statistics.mean(filled) / 1e9,
+        "decode_s": decode,
+        "prefill_s": prefill,
+        "total_s": decode + prefill,
+        "total_if_reading_64_slot_buckets_s": decode_b64 + prefill,
+        "total_if_reading_whole_cache_s": decode_full + prefill,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Greedy correctness: eager vs graph logits while their inputs agree
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _RecordLogits(Strategy):
+    """Keeps every step's raw ``[B, V]`` and guided ``[P, V]`` logits in per-step device buffers (graph-safe)."""
+
+    name = "bench_record_logits"
+    hooks = ("pre_logits", "post_cfg")
+
+    def begin(self, state) -> None:
+        vocab = state.adapter.image_vocab_size
+        self.raw = state.step_buffer("bench.raw", (state.rows, vocab))
+        self.guided = state.step_buffer("bench.guided", (state.num_pairs, vocab))
+
+    def pre_logits(self, state, logits):
+        self.raw.index_copy_(0, state.step_t.view(1), logits[None].float())
+        return logits
+
+    def post_cfg(self, state, logits):
+        self.guided.index_copy_(0, state.step_t.view(1), logits[None].float())
+        return logits
+
+
+def check_greedy(adapter, requests: list[ImageRequest], options: FastOptions) -> dict[str, Any]:
+    """Greedy tokens and per-step logits of the eager loop and the graph loop, compared step by step."""
+    runs = {}
+    for label, loop in (("eager", run), ("graph", FastLoop(options))):
+        recorder = _RecordLogits()
+        decoder = Decoder([recorder])
+        with torch.inference_mode():
+            result = run_images(adapter, decoder, requests, cfg=decoder.cfg, sampler=Sampler(greedy=True), loop=loop)
+        runs[label] = (result.tokens.clone(), recorder.raw, recorder.guided)
+    (te, raw_e, guided_e), (tg, raw_g, guided_g) = runs["eager"], runs["graph"]
+    steps = te.shape[1]
+    differs = te != tg  # [P, S]
+    first_diff = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], steps,
+                                                                                        dtype=torch.long))  # [P]
+    step_ids = torch.arange(steps, device=te.device)
+    same_inputs = step_ids[None, :] <= first_diff[:, None]  # [P, S]: inputs agree up to and including first_diff
+    same_inputs &= step_ids[None, :] < steps
+    ge, gg = guided_e.transpose(0, 1), guided_g.transpose(0, 1)  # [P, S, V]
+    abs_err = (ge - gg).abs().amax(-1)  # [P, S]
+    rel_err = (ge - gg).norm(dim=-1) / ge.norm(dim=-1).clamp_min(1e-30)  # [P, S]
+    raw_rel = (raw_e - raw_g).norm(dim=-1) / raw_e.norm(dim=-1).clamp_min(1e-30)  # [S, B]
+    pairs_same = same_inputs.repeat_interleave(2, 0).transpose(0, 1)  # [S, B] (interleaved rows)
+    top2 = ge.topk(2, dim=-1).values
+    gap = top2[..., 0] - top2[..., 1]  # [P, S]
+    tol = float(abs_err[same_inputs].max())
+    tie = gap < tol
+    first_tie = torch.where(tie.any(1), tie.float().argmax(1), torch.full_like(first_diff, steps))
+    ok = bool((first_diff >= first_tie).all())
+    return {
+        "steps": steps,
+        "images": te.shape[0],
+        "tokens_equal": int((~differs).sum()),
+        "tokens_total": differs.numel(),
+        "first_divergence_per_image": first_diff.tolist(),
+        "guided_logits_max_abs_err_same_inputs": tol,
+        "guided_logits_rel_err_max": float(rel_err[same_inputs].max()),
+        "guided_logits_rel_err_median": float(rel_err[same_inputs].median()),
+        "raw_logits_rel_err_max": float(raw_rel[pairs_same].max()),
+        "first_near_tie_per_image (top-2 gap < max abs err)": first_tie.tolist(),
+        "divergence_only_at_or_after_a_near_tie": ok,
+        "within_bf16_tolerance (rel err <= 1e-2)": float(rel_err[same_inputs].max()) <= 1e-2,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _describe(options: FastOptions) -> dict[str, Any]:
+    return {k: getattr(options, k) for k in ("graphs", "layers", "attention", "bucket")}
+
+
+def _versions(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=("tiny", "1b", "7b"), default="tiny")
+    parser.add_argument("--parallel", type=int, default=16, help="images per batch (2 rows each with CFG)")
+    parser.add_argument("--decoder", default="", help="decoder spec for the eager and graph paths ('' = plain CFG)")
+    parser.add_argument("--runs", type=int, default=3, help="timed batches per path (after one warm-up)")
+    parser.add_argument("--rng", choices=("row", "torch"), default="row", help="sampler of the eager and graph paths")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"graph variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--paths", default="reference,eager,graph", help="which of reference, eager, graph to time")
+    parser.add_argument("--check", action="store_true", help="greedy eager vs graph logits comparison")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: a short table)")
+    parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after each section)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    paths = set(args.paths.split(","))
+    report: dict[str, Any] = {
+        "benchmark": "generate", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.generate " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "shape": args.shape, "parallel": args.parallel, "decoder": args.decoder, "rng": args.rng,
+        "dtype": str(dtype).replace("torch.", ""), "versions": _versions(device), "paths": {}, "errors": [],
+    }
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    def attempt(label: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a failing section is reported, the others still run
+            _log(f"{label} failed: {type(exc).__name__}: {exc}")
+            report["errors"].append({"section": label, "error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc(limit=6)})
+            return None
+        finally:
+            save()
+
+    warnings.simplefilter("default", EagerStepWarning)
+    report["ceilings"] = attempt("ceilings", lambda: measure_device(device)) or {}
+    start = time.perf_counter()
+    adapter = build_model(args.shape, device, dtype)
+    _sync(device)
+    report["build_s"] = time.perf_counter() - start
+    report["params_b"] = sum(p.numel() for p in adapter.model.parameters()) / 1e9
+    prompt_ids = adapter.generation_prompt_ids(PROMPT)
+    steps = adapter.image_grid[0] * adapter.image_grid[1]
+    rows = 2 * args.parallel
+    report.update(prompt_tokens=len(prompt_ids), steps=steps, rows=rows)
+    report["floor"] = floor(adapter, rows, len(prompt_ids), steps, len(prompt_ids) + steps, report["ceilings"])
+    decoder = Decoder.from_spec(args.decoder)
+    requests = [ImageRequest(PROMPT, 0, k) for k in range(args.parallel)]
+
+    def sampler() -> Sampler:
+        generator = torch.Generator(device=device).manual_seed(0) if args.rng == "torch" else None
+        return Sampler(rng=args.rng, generator=generator)
+
+    def ours(loop) -> Callable[[], torch.Tensor]:
+        def go() -> torch.Tensor:
+            with torch.inference_mode():
+                result = run_images(adapter, decoder, requests, cfg=decoder.cfg, sampler=sampler(), loop=loop)
+            decoder.raise_on_bad_boundaries(result.state)
+            return result.tokens
+
+        return go
+
+    if "reference" in paths:
+        generator = torch.Generator(device=device).manual_seed(0)
+        _log("reference")
+        report["paths"]["reference"] = attempt("reference", lambda: time_path(
+            lambda: reference_generate(adapter, prompt_ids, args.parallel, cfg_weight=decoder.cfg.weight, steps=steps,
+                                       generator=generator), args.runs, device))
+    if "eager" in paths:
+        _log("eager")
+        report["paths"]["eager"] = attempt("eager", lambda: time_path(ours(run), args.runs, device))
+    if "graph" in paths:
+        names = [v for v in args.variants.split(",") if v]
+        if device.type != "cuda":
+            for name in names:
+                report["paths"][name] = {"skipped": "no CUDA device"}
+            names, extra = [], {"graph-free": FastOptions(graphs=False)}
+        else:
+            extra = {}
+        for index, (name, options) in enumerate([(n, VARIANTS[n]) for n in names] + list(extra.items())):
+            _log(name)
+            loop = FastLoop(options)
+            entry = attempt(name, lambda: time_path(ours(loop), args.runs, device))
+            if entry is not None:
+                entry["options"] = _describe(options)
+                entry["last_run"] = loop.stats
+            report["paths"][name] = entry
+            if index == 0 and args.check:  # before the other variants, so a failing one cannot spoil it
+                _log("check")
+                report["check"] = attempt("check", lambda: check_greedy(adapter, requests, options))
+                report["check_variant"] = _describe(options)
+    ref = (report["paths"].get("reference") or {}).get("median_s")
+    flo = report["floor"].get("total_s")
+    report["ratios"] = {}
+    for name, entry in report["paths"].items():
+        if entry and "median_s" in entry:
+            report["ratios"][name] = {
+                "vs_reference": entry["median_s"] / ref if ref else None,
+                "vs_floor": entry["median_s"] / flo if flo else None,
+                "peak_vs_reference": (entry["peak_gib"] / report["paths"]["reference"]["peak_gib"]
+                                      if ref and "peak_gib" in entry else None),
+            }
+    save()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.shape}, {args.parallel} images with CFG, {steps} tokens, prompt {len(prompt_ids)} tokens, "
+              f"{report['versions'].get('gpu', device)}")
+        for name, entry in report["paths"].items():
+            if entry and "median_s" in entry:
+                peak = f"{entry['peak_gib']:.1f} GiB" if "peak_gib" in entry else ""
+                print(f"  {name:14s} {entry['median_s']:8.3f} s  {peak}")
+            else:
+                print(f"  {name:14s} {entry}")
+        if flo:
+            print(f"  {'floor':14s} {flo:8.3f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

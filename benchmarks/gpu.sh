@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Benchmarks on the GPU machine (no network), from the repository root of the working tree the device tool sends.
+#
+#   bash benchmarks/gpu.sh STAGE...      stages: tests | 1b | 7b | tiny | load
+#
+# Carry `.whl` (wheels of what the machine's image lacks or has too old: transformers 5.24, pluggy 1.7, regex), e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl transformers==5.24.0 pluggy==1.7.0 regex
+# Results go to $OUT (default ./out): generate-SHAPE.json, load-7b.json, pytest-cuda.log, versions.json.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+# Editable: the package maps core/, plugins/, ... onto janus_decoding.*; a plain path entry cannot.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile -e . >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+python3 - <<'PY' | tee "$OUT/versions.json"
+import json, torch, transformers, pluggy, click, tqdm, safetensors, tokenizers
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                  "pluggy": pluggy.__version__, "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__,
+                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}))
+PY
+status=0
+for stage in "$@"; do
+  echo "== $stage $(date -u +%T)"
+  case "$stage" in
+    tests)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/core/test_graph.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
+    tiny|1b|7b)
+      limit=$([ "$stage" = 7b ] && echo 340 || echo 220)
+      timeout "$limit" python3 -m benchmarks.generate --shape "$stage" --parallel 16 --json --check \
+        --out "$OUT/generate-$stage.json" ${GENERATE_ARGS:-} >/dev/null 2>"$OUT/generate-$stage.log"
+      rc=$?; tail -5 "$OUT/generate-$stage.log"; [ $rc -eq 0 ] || { echo "generate $stage: exit $rc"; status=1; } ;;
+    load)
+      timeout 420 python3 -m benchmarks.load --shape 7b --format deepseek --folder /tmp/janus-pro-7b-deepseek --json \
+        --out "$OUT/load-7b.json" 2>"$OUT/load-7b.log" | tail -30 ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+python3 - "$OUT" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/generate-*.json")):
+    d = json.load(open(path))
+    print(d["shape"], d["versions"].get("gpu"), "floor", round(d.get("floor", {}).get("total_s", 0), 3), "s")
+    for name, e in d["paths"].items():
+        if e and "median_s" in e:
+            print(f"  {name:14s} {e['median_s']:8.3f} s  peak {e.get('peak_gib', 0):6.2f} GiB")
+    for e in d["errors"]:
+        print("  error", e["section"], e["error"][:300])
+    if d.get("check"):
+        c = d["check"]
+        print("  check rel err max", c.get("guided_logits_rel_err_max"), "first div", min(c["first_divergence_per_image"]),
+              "ok", c.get("divergence_only_at_or_after_a_near_tie"))
+PY
+exit $status

@@ -1,0 +1,600 @@
+"""The fast path of image generation: the decode step with fixed shapes, captured as CUDA graphs and replayed.
+
+:class:`FastLoop` has the signature of :func:`core.loop.run` (pass it as ``run_images(..., loop=FastLoop())``). The
+prefill, the first token and every host-side decision (schedule hooks, KV injection) run eagerly, as in ``run``;
+the one-token steps between them run as one captured step each:
+
+    re-embed the last tokens → forward one token (write K/V at device slots, read only the filled length) →
+    ``hidden_states`` hooks → head → ``pre_logits`` hooks → guidance → ``post_cfg`` hooks → sample → record
+
+Everything that changes from step to step is a device tensor advanced inside the graph: the step (``state.step_t``),
+the position ids, the cache slot each layer writes, the last tokens. A replay therefore needs no host work, and the
+host mirrors (``cache.fill``, ``state.step``) are advanced beside it.
+
+Attention reads only what is filled, two ways (``FastOptions.attention``):
+
+* ``"sdpa"``: ``scaled_dot_product_attention`` over a read length rounded up to a bucket of ``bucket`` slots, with a
+  mask of the written, visible slots; one graph per bucket, captured when first needed (``bucket=0``: one graph
+  reading the whole cache).
+* ``"flash"``: the flash kernel's variable-length entry with a per-row count of used keys (``seqused_k``), which
+  reads exactly the filled slots, so one graph serves every step. It has no mask, so it is used only while every
+  filled slot is visible to every row (no left padding, no masked injection); otherwise the run uses ``"sdpa"``.
+
+The layers run as transformers' modules (``layers="transformers"``) or as the same math with fewer kernels
+(``layers="fused"``: one GEMM for q/k/v and one for gate/up, over weights concatenated once and shared with the
+modules, which keep views of them; the residual adds fused into the output GEMMs).
+
+What cannot be captured runs eagerly, and the loop says so once per reason (an :class:`EagerStepWarning`): text
+mode; a strategy with ``graph_safe = False`` (the whole run); a ``schedule`` hook (its boundaries); a ``kv_inject``
+action (that step's injection). Hooks run their Python once, at capture: graph-safe strategies keep per-run state in
+device tensors updated in place. A step that *replaces* a tensor in ``state.memory`` (``memory[k] = f(memory[k])``)
+or ``state.last_probs`` is committed back into the original tensor at the end of the captured step, so the next
+replay reads the new value rather than the one frozen at capture.
+
+With ``graphs=False`` (or without CUDA) the same step code runs eagerly: the graph-free path, which the CPU tests
+compare with the core loop token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import StaticKVCache
+from .cfg import pair_rows
+from .loop import RunResult, Sampler, _Boundary, inject, prefill, run, select_token
+from .protocol import HookRunner, NoHooks, Rebuild, Rollback
+from .state import StepState
+
+__all__ = ["EagerStepWarning", "FastLoop", "FastOptions", "fuse_projections"]
+
+
+class EagerStepWarning(UserWarning):
+    """Some steps of a run go eagerly instead of through a captured graph (said once per reason)."""
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        warnings.warn(message, EagerStepWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """How the fast step is built. The defaults are the fastest measured on an H200 (see ``benchmarks/README.md``)."""
+
+    graphs: bool = True  # capture and replay CUDA graphs (CUDA only); False: run the same step code eagerly
+    layers: Literal["fused", "transformers"] = "fused"
+    attention: Literal["sdpa", "flash"] = "sdpa"
+    bucket: int = 64  # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache)
+    check_syncs: bool = False  # CUDA, graph-free: run each step under torch.cuda.set_sync_debug_mode("error")
+
+    def __post_init__(self) -> None:
+        if self.layers not in ("fused", "transformers"):
+            raise ValueError(f"`layers` must be 'fused' or 'transformers', got {self.layers!r}")
+        if self.attention not in ("sdpa", "flash"):
+            raise ValueError(f"`attention` must be 'sdpa' or 'flash', got {self.attention!r}")
+        if not isinstance(self.bucket, int) or self.bucket < 0:
+            raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused layer weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerWeights:
+    ln1: torch.Tensor  # [H]
+    eps1: float
+    qkv: torch.Tensor  # [(nq + 2·nkv)·D, H]
+    o: torch.Tensor  # [H, nq·D]
+    ln2: torch.Tensor
+    eps2: float
+    gate_up: torch.Tensor  # [2·I, H]
+    down: torch.Tensor  # [H, I]
+    scaling: float
+
+
+def _concat_rows(linears: list[nn.Linear]) -> torch.Tensor:
+    """One ``[Σ out, in]`` weight for several linears; the modules keep row views of it (no memory is added)."""
+    weights = [m.weight for m in linears]
+    base = weights[0]
+    offset = base.storage_offset()
+    shared = all(w.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for w in weights)
+    if shared:
+        rows = 0
+        for w in weights:
+            if not w.is_contiguous() or w.storage_offset() != offset + rows * w.shape[1]:
+                shared = False
+                break
+            rows += w.shape[0]
+    if shared:
+        total = sum(w.shape[0] for w in weights)
+        return base.as_strided((total, base.shape[1]), (base.shape[1], 1), offset)
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([w.detach() for w in weights], 0)
+        start = 0
+        for module, w in zip(linears, weights):
+            module.weight = nn.Parameter(fused[start: start + w.shape[0]], requires_grad=False)
+            start += w.shape[0]
+    return fused
+
+
+def fuse_projections(adapter: Any) -> list[_LayerWeights] | str:
+    """Per-layer weights for the fused step, or a reason why these layers cannot be fused.
+
+    The q/k/v and gate/up weights of each layer are concatenated once; the modules' own ``weight`` parameters then
+    become row views of the concatenation, so the model holds the same values in the same memory and every other
+    path (the eager loop, hooks, saving aside) sees no change. Saving such a model with safetensors needs
+    ``save_pretrained``'s handling of shared tensors.
+    """
+    cached = getattr(adapter, "_fast_layer_weights", None)
+    if cached is not None and all(
+        w.qkv.data_ptr() == layer.self_attn.q_proj.weight.data_ptr() for w, layer in zip(cached, adapter.layers)
+    ):
+        return cached
+    out: list[_LayerWeights] = []
+    for index, layer in enumerate(adapter.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        needed += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(not isinstance(m, nn.Linear) for m in needed):
+            return f"layer {index} is not a LLaMA block (q/k/v/o and gate/up/down linears)"
+        if any(m.bias is not None for m in needed):
+            return f"layer {index} has projection biases"
+        if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+            return f"layer {index}'s MLP activation is not SiLU"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(not hasattr(n, "variance_epsilon") or not hasattr(n, "weight") for n in norms):
+            return f"layer {index}'s norms are not RMS norms"
+        q, k, v, o, gate, up, down = needed
+        out.append(_LayerWeights(
+            ln1=norms[0].weight, eps1=float(norms[0].variance_epsilon), qkv=_concat_rows([q, k, v]), o=o.weight,
+            ln2=norms[1].weight, eps2=float(norms[1].variance_epsilon), gate_up=_concat_rows([gate, up]),
+            down=down.weight, scaling=float(attn.scaling),
+        ))
+    adapter._fast_layer_weights = out
+    return out
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache as transformers' attention sees it inside the fast step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _CacheView:
+    """Writes new K/V at each layer's device slot and hands attention the first ``read_len`` slots."""
+
+    def __init__(self, cache: StaticKVCache, slot: torch.Tensor, read_len: int) -> None:
+        self.cache, self.slot, self.read_len = cache, slot, read_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        slot = self.slot[layer_idx: layer_idx + 1]  # [1]
+        keys.index_copy_(2, slot, key_states.to(keys.dtype))
+        values.index_copy_(2, slot, value_states.to(values.dtype))
+        return keys[:, :, : self.read_len], values[:, :, : self.read_len]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Committing replaced state tensors back in place
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tensor_slots(container: dict, depth: int = 2) -> list[tuple[dict, Any, torch.Tensor]]:
+    found = []
+    for key, value in container.items():
+        if isinstance(value, torch.Tensor):
+            found.append((container, key, value))
+        elif isinstance(value, dict) and depth > 1:
+            found += _tensor_slots(value, depth - 1)
+    return found
+
+
+def _commit(state: StepState, before: list[tuple[dict, Any, torch.Tensor]], probs: torch.Tensor | None) -> None:
+    """Copy tensors the step put in place of existing ones back into the originals (stable addresses)."""
+    for container, key, old in before:
+        new = container.get(key)
+        if isinstance(new, torch.Tensor) and new is not old and new.shape == old.shape and new.dtype == old.dtype \
+                and new.device == old.device:
+            old.copy_(new)
+            container[key] = old
+    if probs is not None and state.last_probs is not probs and state.last_probs is not None \
+            and state.last_probs.shape == probs.shape and state.last_probs.dtype == probs.dtype:
+        probs.copy_(state.last_probs)
+        state.last_probs = probs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run's fast step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Stepper:
+    """Static buffers, the step body and its graphs for one run."""
+
+    def __init__(self, options: FastOptions, state: StepState, hooks: HookRunner, sampler: Sampler, graphs: bool,
+                 layer_weights: list[_LayerWeights] | None) -> None:
+        self.options, self.state, self.hooks, self.sampler = options, state, hooks, sampler
+        self.graphs = graphs
+        self.weights = layer_weights
+        adapter, cache = state.adapter, state.cache
+        device = adapter.device
+        self.rows = state.rows
+        self.tok = torch.zeros(state.num_pairs, dtype=torch.long, device=device)  # [P] last tokens
+        self.pos = state.next_positions.clone()  # [B]
+        self.slot = torch.zeros(adapter.num_layers, dtype=torch.long, device=device)  # [N] slot each layer writes
+        self.slot_ids = torch.arange(cache.max_len, device=device)  # [L]
+        self.attention = options.attention
+        self.dirty = True  # host state is newer than the buffers
+        self.stream = torch.cuda.Stream(device=device) if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.captured: dict[tuple[str, int], Any] = {}
+        self.warm = False
+        self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0}
+        if layer_weights is not None:
+            half = adapter.head_dim // 2
+            self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=adapter.dtype)
+        if self.attention == "flash":
+            b = self.rows
+            nkv, length = adapter.num_kv_heads, cache.max_len
+            self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
+            self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * (nkv * length)
+
+    # -- host ↔ buffers ---------------------------------------------------------------------------------------
+    def load(self, t: int, tokens: torch.Tensor) -> None:
+        """Bring the buffers up to the host state after eager work (prefill, a schedule hook, an injection)."""
+        state, cache = self.state, self.state.cache
+        self.pos.copy_(state.next_positions)
+        state.next_positions = self.pos
+        fills = cache.fill
+        if len(set(fills)) == 1:
+            self.slot.fill_(fills[0])
+        else:
+            self.slot.copy_(torch.tensor(fills, dtype=torch.long))
+        self.tok.copy_(tokens)
+        state.step_t.fill_(t)
+        if self.attention == "flash" and not self._all_visible():
+            _say_once("fast path: filled cache slots are masked for some rows (left padding or a masked injection); "
+                      "attention uses the masked sdpa kernel instead of flash")
+            self.attention = "sdpa"
+        self.dirty = False
+
+    def _all_visible(self) -> bool:
+        cache = self.state.cache
+        firsts = {}
+        for layer, group in enumerate(cache.group):
+            firsts.setdefault(group, layer)
+        return all(bool(cache.valid[layer, :, : cache.fill[layer]].all()) for layer in firsts.values())
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def read_len(self) -> int:
+        cache = self.state.cache
+        if self.attention == "flash":
+            return cache.max_len
+        bucket = self.options.bucket
+        need = max(cache.fill) + 1
+        if bucket == 0:
+            return cache.max_len
+        return min(cache.max_len, -(-need // bucket) * bucket)
+
+    def step(self, t: int, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step through the fast body (replayed, captured or run); returns the tokens buffer."""
+        state, cache = self.state, self.state.cache
+        if self.dirty:
+            self.load(t, tokens)
+        if max(cache.fill) + 1 > cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {max(cache.fill)} + 1 slots > {cache.max_len} allocated "
+                               "(a strategy grew the cache more than it declared in `kv_growth`)")
+        length = self.read_len()
+        key = (self.attention, length)
+        if not self.graphs:
+            self._run_body(length)
+            self.stats["graph_free_steps"] += 1
+        elif key in self.captured:
+            self.captured[key].replay()
+            self.stats["replays"] += 1
+        elif not self.warm:
+            self._on_stream(lambda: self._run_body(length))  # warm-up: a real step, run eagerly on the capture stream
+            self.warm = True
+            self.stats["graph_free_steps"] += 1
+        else:
+            self._capture(key, length)
+            self.captured[key].replay()
+            self.stats["replays"] += 1
+        for layer in range(len(cache.fill)):
+            cache.fill[layer] += 1
+        return self.tok
+
+    def _on_stream(self, fn: Callable[[], None]) -> None:
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            fn()
+        current.wait_stream(self.stream)
+
+    def _capture(self, key: tuple[str, int], length: int) -> None:
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        generator = self.sampler.generator
+        if generator is not None and not self.sampler.greedy and self.sampler.rng == "torch":
+            graph.register_generator_state(generator)
+
+        def capture() -> None:
+            graph.capture_begin(pool=self.pool)
+            try:
+                self._run_body(length)
+            finally:
+                graph.capture_end()
+
+        self._on_stream(capture)
+        self.captured[key] = graph
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - start
+
+    def _run_body(self, length: int) -> None:
+        before = _tensor_slots(self.state.memory)
+        probs = self.state.last_probs
+        if self.options.check_syncs and self.state.adapter.device.type == "cuda" and not self.graphs:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                self._body(length)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            self._body(length)
+        _commit(self.state, before, probs)
+
+    def _body(self, length: int) -> None:
+        """Tokens ``self.tok`` → the next tokens, in place; advances the position, slot and step buffers."""
+        state, hooks, adapter, cache = self.state, self.hooks, self.state.adapter, self.state.cache
+        ids = pair_rows(self.tok, state.layout)  # [B]
+        embeds = adapter.embed_image_tokens(ids)  # [B, H]
+        n = adapter.num_layers
+        index = self.slot.view(n, 1, 1).expand(n, self.rows, 1)  # [N, B, 1]
+        cache.valid.scatter_(2, index, True)  # the slots written now are visible to every row
+        wanted = set(hooks.hidden_layers(state))
+        captured: dict[int, torch.Tensor] = {}
+        if self.weights is not None:
+            h = self._fused_layers(embeds, length, wanted, captured)
+        else:
+            h = self._module_layers(embeds, length, wanted, captured)
+        if captured:
+            hooks.hidden_states(state, captured)
+        self.pos.add_(1)
+        self.slot.add_(1)
+        logits = adapter.head(adapter.final_norm(h), "image")  # [B, V]
+        tokens = select_token(state, hooks, logits, self.sampler)  # [P]
+        self.tok.copy_(tokens)
+        state.step_t.add_(1)
+
+    def _masks(self, length: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """Per cache group, the additive ``[B, 1, 1, R]`` mask of the written, visible slots."""
+        cache = self.state.cache
+        masks: dict[int, torch.Tensor] = {}
+        for layer, group in enumerate(cache.group):
+            if group in masks:
+                continue
+            visible = cache.valid[layer, :, :length] & (self.slot_ids[:length] <= self.slot[layer])  # [B, R]
+            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            masks[group] = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        return masks
+
+    def _used_keys(self) -> dict[int, torch.Tensor]:
+        """Per cache group, ``[B]`` int32 keys to read (the flash kernel's ``seqused_k``)."""
+        cache = self.state.cache
+        used: dict[int, torch.Tensor] = {}
+        for layer, group in enumerate(cache.group):
+            if group not in used:
+                used[group] = (self.slot[layer: layer + 1] + 1).to(torch.int32).expand(self.rows).contiguous()
+        return used
+
+    def _module_layers(self, embeds, length, wanted, captured) -> torch.Tensor:
+        adapter, cache = self.state.adapter, self.state.cache
+        h = embeds[:, None]  # [B, 1, H]
+        positions = self.pos[:, None]  # [B, 1]
+        cos_sin = adapter.rotary(h, positions)
+        masks = self._masks(length, h.dtype)
+        view = _CacheView(cache, self.slot, length)
+        for index, layer in enumerate(adapter.layers):
+            if index in wanted:
+                captured[index] = h[:, -1]
+            h = layer(h, masks[cache.group[index]], positions, view, True, cos_sin)
+        if adapter.num_layers in wanted:
+            captured[adapter.num_layers] = h[:, -1]
+        return h[:, -1]
+
+    def _fused_layers(self, embeds, length, wanted, captured) -> torch.Tensor:
+        adapter, cache = self.state.adapter, self.state.cache
+        b, d = self.rows, adapter.head_dim
+        nkv = adapter.num_kv_heads
+        h = embeds  # [B, H]
+        cos, sin = adapter.rotary(h[:, None], self.pos[:, None])  # [B, 1, D] each
+        sin = sin * self.sign  # rotate_half(x)·sin = flip(x)·(sign·sin)
+        flash = self.attention == "flash"
+        masks = None if flash else self._masks(length, h.dtype)
+        used = self._used_keys() if flash else None
+        for index, w in enumerate(self.weights):
+            if index in wanted:
+                captured[index] = h
+            nq = w.o.shape[1] // d
+            x = _rms_norm(h, w.ln1, w.eps1)
+            qkv = F.linear(x, w.qkv)  # [B, (nq + 2·nkv)·D]
+            qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
+            v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
+            turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
+            qk = torch.addcmul(qk * cos, turned, sin)
+            q, k = qk[:, :nq], qk[:, nq:]
+            slot = self.slot[index: index + 1]
+            keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
+            keys.index_copy_(2, slot, k[:, :, None])
+            values.index_copy_(2, slot, v[:, :, None])
+            group = cache.group[index]
+            if flash:
+                out = self._flash(q, keys, values, used[group], w.scaling)  # [B, nq·D]
+            else:
+                query = q.reshape(b, nkv, nq // nkv, d)  # one query token: GQA's shared heads as query rows
+                out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
+                                                     attn_mask=masks[group], scale=w.scaling)
+                out = out.reshape(b, nq * d)
+            h = torch.addmm(h, out, w.o.t())
+            x = _rms_norm(h, w.ln2, w.eps2)
+            gate_up = F.linear(x, w.gate_up)  # [B, 2·I]
+            inner = gate_up.shape[1] // 2
+            h = torch.addmm(h, F.silu(gate_up[:, :inner]) * gate_up[:, inner:], w.down.t())
+        if adapter.num_layers in wanted:
+            captured[adapter.num_layers] = h
+        return h
+
+    def _flash(self, q, keys, values, used, scale) -> torch.Tensor:
+        """Flash attention over each row's first ``used`` slots of the ``[B, nkv, L, D]`` cache, read in place.
+
+        The variable-length entry addresses key ``j`` of sequence ``b`` and head ``h`` at
+        ``(cu_k[b] + j)·row_stride + h·head_stride``; with ``cu_k[b] = b·nkv·L``, row stride D and head stride L·D
+        that is exactly element ``[b, h, j]`` of the cache.
+        """
+        b, nq, d = q.shape
+        nkv, length = keys.shape[1], keys.shape[2]
+        total = (b - 1) * nkv * length + length
+        k = keys.as_strided((total, nkv, d), (d, length * d, 1))
+        v = values.as_strided((total, nkv, d), (d, length * d, 1))
+        out = torch.ops.aten._flash_attention_forward(
+            q.contiguous(), k, v, self.cu_q, self.cu_k, 1, length, 0.0, False, False, scale=scale, seqused_k=used,
+        )[0]  # [B, nq, D]
+        return out.reshape(b, nq * d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastLoop:
+    """An outer loop with :func:`core.loop.run`'s signature whose one-token steps replay captured CUDA graphs."""
+
+    options: FastOptions = field(default_factory=FastOptions)
+    stats: dict[str, Any] = field(default_factory=dict)  # the last run's counts (replays, captures, eager steps)
+
+    def eager_reason(self, state: StepState, hooks: HookRunner, sampler: Sampler) -> str | None:
+        """Why a whole run must go through the eager loop, or None."""
+        if state.mode != "image":
+            return "fast path: text mode runs eagerly (the graph path covers image generation)"
+        strategies = getattr(hooks, "strategies", None)
+        if strategies is None and not isinstance(hooks, NoHooks):
+            return f"fast path: hooks of type {type(hooks).__name__} declare no graph safety; the run goes eagerly"
+        unsafe = [s.name for s in strategies or [] if not getattr(s, "graph_safe", True)]
+        if unsafe:
+            return f"fast path: strategies {', '.join(unsafe)} are not graph-safe; their runs go eagerly"
+        if self._graphs(state) and sampler.rng == "torch" and not sampler.greedy and sampler.generator is not None \
+                and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            return "fast path: this torch cannot register a private generator with a CUDA graph; the run goes eagerly"
+        return None
+
+    def _graphs(self, state: StepState) -> bool:
+        return self.options.graphs and state.adapter.device.type == "cuda"
+
+    def __call__(self, state: StepState, hooks: HookRunner, batch: Any, embeds: torch.Tensor, sampler: Sampler, *,
+                 eos_id: int | None = None, pad_id: int = 0, rebuild: Callable[[StepState, Rebuild], tuple] | None = None,
+                 progress: Callable[[int], None] | None = None) -> RunResult:
+        reason = self.eager_reason(state, hooks, sampler)
+        if reason is not None:
+            _say_once(reason)
+            self.stats = {"eager_run": reason}
+            return run(state, hooks, batch, embeds, sampler, eos_id=eos_id, pad_id=pad_id, rebuild=rebuild,
+                       progress=progress)
+        graphs = self._graphs(state)
+        if self.options.graphs and not graphs:
+            _say_once("fast path: no CUDA device; the fast step runs without graphs")
+        weights = None
+        if self.options.layers == "fused":
+            fused = fuse_projections(state.adapter)
+            if isinstance(fused, str):
+                _say_once(f"fast path: {fused}; the step runs transformers' layer modules")
+            else:
+                weights = fused
+        attention = self.options.attention
+        if attention == "flash" and (state.adapter.device.type != "cuda" or weights is None):
+            _say_once("fast path: flash attention needs CUDA and the fused layers; using sdpa")
+            attention = "sdpa"
+        options = dataclasses.replace(self.options, attention=attention)
+        return self._run(state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress)
+
+    def _run(self, state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress) -> RunResult:
+        """``core.loop.run`` for image mode, with the one-token steps going through the fast body."""
+        hooks.begin(state)
+        device = embeds.device
+        state.memory["_flags"] = torch.zeros(state.num_pairs, dtype=torch.bool, device=device)
+        state.memory["_prompt_layers"] = set(hooks.prompt_layers(state))
+        logits: torch.Tensor | None = prefill(state, hooks, batch, embeds)
+        points = set(hooks.schedule_points(state))
+        if points:
+            _say_once("fast path: schedule hooks run eagerly at their step boundaries; the steps between replay")
+        boundaries: dict[int, _Boundary | None] = {}
+        stepper = _Stepper(options, state, hooks, sampler, graphs, weights)
+        tokens: torch.Tensor | None = None
+        t = 0
+        while t < state.total_steps:
+            state.step = t
+            if t > 0 and t in points:
+                state.step_t.fill_(t)
+                action = hooks.schedule(state)
+                if isinstance(action, Rollback):
+                    target = boundaries[t - action.steps]
+                    state.cache.truncate_to(target.fill)
+                    state.next_positions = target.next_positions.clone()
+                    state.rng_keys[:, 2] = action.stream
+                    state.history_valid[:, state.history_offset + t - action.steps:] = False
+                    t -= action.steps
+                    logits = target.logits
+                    tokens = state.generated[:, t - 1] if t > 0 else None
+                    stepper.dirty = True
+                    continue
+                if isinstance(action, Rebuild):
+                    batch, embeds = rebuild(state, action)
+                    state.cache.reset()
+                    logits = prefill(state, hooks, batch, embeds)
+                    stepper.dirty = True
+            boundaries[t] = _Boundary(list(state.cache.fill), state.next_positions.clone(), logits) if points else None
+            if logits is None:
+                actions = hooks.kv_inject(state)
+                if actions:
+                    _say_once("fast path: KV injections run eagerly between replays")
+                    if not stepper.dirty:
+                        tokens = stepper.tok.clone()
+                    state.step_t.fill_(t)
+                    inject(state, hooks, actions)
+                    stepper.dirty = True
+                    stepper.stats["eager_steps"] += 1
+                tokens = stepper.step(t, tokens)
+            else:
+                state.step_t.fill_(t)
+                tokens = select_token(state, hooks, logits, sampler)
+                stepper.dirty = True
+                stepper.stats["eager_steps"] += 1
+            logits = None
+            if progress is not None:
+                progress(1)
+            t += 1
+        state.next_positions = state.next_positions.clone()  # detach from the step's buffer
+        state.step_t.fill_(state.total_steps - 1)
+        lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
+        hooks.end(state)
+        self.stats = {**stepper.stats, "attention": stepper.attention, "layers": "fused" if weights else "transformers",
+                      "graphs": graphs, "read_lens": sorted({k[1] for k in stepper.captured})}
+        return RunResult(state.generated, lengths, state, state.memory["_flags"], sorted(boundaries))

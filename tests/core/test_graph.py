@@ -1,0 +1,197 @@
+"""The fast path (core/graph.py) against the core loop.
+
+On CPU (fp32) the graph-free fast step must give the core loop's tokens, probabilities, history and cache exactly
+enough that every token agrees, for each layer implementation and read-length bucket, with per-step hooks, schedule
+hooks, KV injections and boundary flags. On CUDA the captured graphs must give the graph-free path's tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import janus_decoding
+from janus_decoding.core import graph as graph_module
+from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
+from janus_decoding.core.loop import Sampler, run
+from janus_decoding.core.protocol import KVAppend, Rollback
+from janus_decoding.core.runs import ImageRequest, run_images
+from janus_decoding.plugins.decoder import Decoder, StrategyOutputError
+from janus_decoding.plugins.strategy import Strategy
+
+REQUESTS = [ImageRequest("a red fox in fresh snow", 3, k) for k in range(3)] + [ImageRequest("a cat", 5, 0)]
+SAME_PROMPT = REQUESTS[:3]
+
+
+@pytest.fixture(scope="module")
+def model(janus_folder):
+    # Its own instance: the fused step re-points q/k/v and gate/up weights at shared concatenations.
+    return janus_decoding.load_model(str(janus_folder))
+
+
+def _generate(model, decoder, loop, requests=REQUESTS, **sampler):
+    if "rng" in sampler and sampler["rng"] == "torch":
+        sampler["generator"] = torch.Generator(device=model.device).manual_seed(7)
+    with torch.inference_mode():
+        return run_images(model, decoder, requests, cfg=decoder.cfg, sampler=Sampler(**sampler), loop=loop)
+
+
+def _same_run(a, b) -> None:
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.state.history, b.state.history)
+    assert torch.equal(a.state.history_valid, b.state.history_valid)
+    assert torch.equal(a.state.next_positions, b.state.next_positions)
+    assert a.state.cache.fill == b.state.cache.fill
+    assert torch.equal(a.state.cache.valid, b.state.cache.valid)
+    assert int(a.state.step_t) == int(b.state.step_t) and a.state.step == b.state.step
+    torch.testing.assert_close(a.state.last_probs, b.state.last_probs, rtol=1e-5, atol=1e-6)
+    assert a.boundaries == b.boundaries
+
+
+GRAPH_FREE = [
+    FastOptions(graphs=False),
+    FastOptions(graphs=False, bucket=4),
+    FastOptions(graphs=False, bucket=0),
+    FastOptions(graphs=False, layers="transformers", bucket=8),
+]
+SPECS = [
+    "",
+    'top_k(top_k=50) > temperature(temperature=0.9) > cfg(schedule="linear")',
+    "repetition_penalty(penalty=1.3) > top_p(top_p=0.8)",
+    "dola(layers=[0, 2])",
+]
+
+
+@pytest.mark.parametrize("options", GRAPH_FREE, ids=lambda o: f"{o.layers}-b{o.bucket}")
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("sampler", [{}, {"greedy": True}, {"rng": "torch"}], ids=["row", "greedy", "torch"])
+def test_graph_free_step_equals_core_loop(model, options, spec, sampler):
+    decoder = Decoder.from_spec(spec)
+    loop = FastLoop(options)
+    _same_run(_generate(model, decoder, run, **sampler), _generate(model, decoder, loop, **sampler))
+    steps = model.image_grid[0] * model.image_grid[1]
+    assert loop.stats["graph_free_steps"] == steps - 1  # token 0 comes from the prefill
+
+
+def test_fused_projections_share_memory(model):
+    fused = graph_module.fuse_projections(model)
+    layer = model.layers[0]
+    assert fused[0].qkv.data_ptr() == layer.self_attn.q_proj.weight.data_ptr()
+    rows = layer.self_attn.q_proj.weight.shape[0]
+    assert torch.equal(fused[0].qkv[rows: rows + layer.self_attn.k_proj.weight.shape[0]], layer.self_attn.k_proj.weight)
+    assert graph_module.fuse_projections(model) is fused  # done once
+
+
+class _RollbackOnce(Strategy):
+    """At step 6, regenerate the last 3 tokens once with RNG stream 1 (a graph-safe strategy with a host hook)."""
+
+    name = "test_rollback_once"
+    hooks = ("schedule",)
+
+    def schedule_points(self, state):
+        return [6]
+
+    def schedule(self, state):
+        if state.memory.get(self.name):
+            return None
+        state.memory[self.name] = True
+        return Rollback(3, 1)
+
+
+class _InjectAt5(Strategy):
+    """Before step 5, append two entries for the rows of image 1 only (the other rows get masked slots)."""
+
+    name = "test_inject_at_5"
+    hooks = ("kv_inject",)
+
+    def kv_growth(self, state):
+        return 2
+
+    def kv_inject(self, state):
+        if state.step != 5:
+            return []
+        rows = torch.zeros(state.rows, dtype=torch.bool, device=state.adapter.device)
+        rows[2:4] = True
+        ids = torch.full((state.rows, 2), 7, dtype=torch.long, device=state.adapter.device)
+        return [KVAppend(ids=ids, rows=rows)]
+
+
+class _NaNAt9(Strategy):
+    """Post-CFG: NaN logits for image 0 at step 9 only (read from the device step, so it survives capture)."""
+
+    name = "test_nan_at_9"
+    hooks = ("post_cfg",)
+
+    def post_cfg(self, state, logits):
+        hit = (state.step_t == 9) & (torch.arange(logits.shape[0], device=logits.device) == 0)  # [P]
+        return torch.where(hit[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+class _Unsafe(Strategy):
+    name = "test_unsafe"
+    hooks = ("post_cfg",)
+    graph_safe = False
+
+    def post_cfg(self, state, logits):
+        return logits
+
+
+@pytest.mark.parametrize("strategy", [_RollbackOnce, _InjectAt5], ids=["rollback", "inject"])
+def test_host_hooks_run_eagerly_between_fast_steps(model, strategy):
+    decoder = Decoder([strategy()])
+    loop = FastLoop(FastOptions(graphs=False, bucket=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerStepWarning)
+        fast = _generate(model, decoder, loop)
+    _same_run(_generate(model, decoder, run), fast)
+    assert loop.stats["graph_free_steps"] > 0
+
+
+def test_boundary_flags_survive_the_fast_step(model):
+    decoder = Decoder([_NaNAt9()])
+    for loop in (run, FastLoop(FastOptions(graphs=False))):
+        result = _generate(model, decoder, loop)
+        with pytest.raises(StrategyOutputError, match="test_nan_at_9"):
+            decoder.raise_on_bad_boundaries(result.state)
+
+
+def test_unsafe_strategy_runs_eagerly_and_says_so_once(model, monkeypatch):
+    monkeypatch.setattr(graph_module, "_SAID", set())
+    decoder = Decoder([_Unsafe()])
+    loop = FastLoop(FastOptions(graphs=False))
+    with pytest.warns(EagerStepWarning, match="test_unsafe"):
+        fast = _generate(model, decoder, loop)
+    assert "eager_run" in loop.stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EagerStepWarning)  # not said twice
+        _generate(model, decoder, loop)
+    _same_run(_generate(model, decoder, run), fast)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="layers"):
+        FastOptions(layers="triton")
+    with pytest.raises(ValueError, match="bucket"):
+        FastOptions(bucket=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["sdpa", "flash"])
+@pytest.mark.parametrize("spec", SPECS[:2] + [""])
+@pytest.mark.parametrize("sampler", [{}, {"rng": "torch"}], ids=["row", "torch"])
+def test_cuda_graphs_replay_the_graph_free_step(janus_folder, attention, spec, sampler):
+    cuda = janus_decoding.load_model(str(janus_folder), device="cuda", dtype="bf16")
+    decoder = Decoder.from_spec(spec)
+    loop = FastLoop(FastOptions(attention=attention, bucket=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerStepWarning)
+        graphed = _generate(cuda, decoder, loop, SAME_PROMPT, **sampler)
+        plain_loop = FastLoop(FastOptions(graphs=False, attention=attention, bucket=8, check_syncs=True))
+        plain = _generate(cuda, decoder, plain_loop, SAME_PROMPT, **sampler)
+    assert loop.stats["replays"] > 0 and loop.stats["captures"] >= 1
+    assert loop.stats["attention"] == attention  # one prompt: no padding, so flash stays on
+    _same_run(graphed, plain)
+    again = _generate(cuda, decoder, loop, SAME_PROMPT, **sampler)  # fresh numbers per replay, same per seed
+    assert torch.equal(again.tokens, graphed.tokens)
