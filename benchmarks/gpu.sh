@@ -33,7 +33,7 @@ for stage in "$@"; do
     tests)
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/core/test_graph.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
     tiny|1b|7b)
-      limit=$([ "$stage" = 7b ] && echo 340 || echo 220)
+      limit=$([ "$stage" = 7b ] && echo 300 || echo 200)
       timeout "$limit" python3 -m benchmarks.generate --shape "$stage" --parallel 16 --json --check \
         --out "$OUT/generate-$stage.json" ${GENERATE_ARGS:-} >/dev/null 2>"$OUT/generate-$stage.log"
       rc=$?; tail -5 "$OUT/generate-$stage.log"; [ $rc -eq 0 ] || { echo "generate $stage: exit $rc"; status=1; } ;;

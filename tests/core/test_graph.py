@@ -18,6 +18,7 @@ from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
 from janus_decoding.core.loop import Sampler, run
 from janus_decoding.core.protocol import KVAppend, Rollback
 from janus_decoding.core.runs import ImageRequest, run_images
+from janus_decoding.models.tiny import write_tiny_checkpoint
 from janus_decoding.plugins.decoder import Decoder, StrategyOutputError
 from janus_decoding.plugins.strategy import Strategy
 
@@ -26,9 +27,14 @@ SAME_PROMPT = REQUESTS[:3]
 
 
 @pytest.fixture(scope="module")
-def model(janus_folder):
+def folder(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-janus", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
     # Its own instance: the fused step re-points q/k/v and gate/up weights at shared concatenations.
-    return janus_decoding.load_model(str(janus_folder))
+    return janus_decoding.load_model(str(folder))
 
 
 def _generate(model, decoder, loop, requests=REQUESTS, **sampler):
@@ -181,8 +187,8 @@ def test_options_are_checked():
 @pytest.mark.parametrize("attention", ["sdpa", "flash"])
 @pytest.mark.parametrize("spec", SPECS[:2] + [""])
 @pytest.mark.parametrize("sampler", [{}, {"rng": "torch"}], ids=["row", "torch"])
-def test_cuda_graphs_replay_the_graph_free_step(janus_folder, attention, spec, sampler):
-    cuda = janus_decoding.load_model(str(janus_folder), device="cuda", dtype="bf16")
+def test_cuda_graphs_replay_the_graph_free_step(folder, attention, spec, sampler):
+    cuda = janus_decoding.load_model(str(folder), device="cuda", dtype="bf16")
     decoder = Decoder.from_spec(spec)
     loop = FastLoop(FastOptions(attention=attention, bucket=8))
     with warnings.catch_warnings():
