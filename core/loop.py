@@ -238,6 +238,7 @@ def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.T
         if state.mode == "text":
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             state.generated[:, t] = tokens
+            state.history[:, state.history_offset + t] = tokens  # finished rows continue with pad ids
             lengths += (~finished).long()
             if eos_id is not None:
                 finished |= tokens == eos_id
