@@ -2,7 +2,8 @@
 
 A set of P candidate phrases is scored against the image (e.g. SigLIP similarities, computed elsewhere); the scores
 become a phrase prior ``ρ`` (``phrase_prior``), which is spread onto the vocabulary through each phrase's first token
-(``token_prior``) and added to the language-side scores with a weight λ (``fuse``). Run it after any masking strategy
+(``token_prior``) and added to the language-side scores with a weight λ (``fuse``); ``cosine_scores`` is the built-in
+``aligned`` scorer's similarity. Run the fusion after any masking strategy
 (DoLa's APC, top-k): ``-inf`` entries stay ``-inf``, so masked tokens are never re-admitted.
 """
 
@@ -12,7 +13,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["phrase_prior", "token_prior", "fuse"]
+__all__ = ["phrase_prior", "token_prior", "fuse", "cosine_scores"]
 
 _Scalar = float | int | torch.Tensor
 
@@ -66,11 +67,11 @@ def token_prior(prior: torch.Tensor, first_token_ids: torch.Tensor, vocab_size: 
     ``r_V(x) = max {ρ_k : T(c_k) = x}`` for x in the image of T (the first-token map), ``r_V(x) = 0`` otherwise. The
     max means a token shared by several phrases is never pushed below its best phrase.
 
-    :param prior: ``[P]`` phrase prior from ``phrase_prior``.
-    :param first_token_ids: ``[P]`` long first token id of each phrase. Ids outside ``[0, vocab_size)`` are ignored, so
-        a fixed-size phrase buffer can be padded with ``-1``.
+    :param prior: ``[P]`` phrase prior from ``phrase_prior``, or ``[R, P]``: one prior per row (e.g. per image).
+    :param first_token_ids: ``[P]`` (or ``[R, P]``) long first token id of each phrase. Ids outside
+        ``[0, vocab_size)`` are ignored, so a fixed-size phrase buffer can be padded with ``-1``.
     :param vocab_size: V >= 1, a Python int.
-    :returns: ``[V]`` new tensor, dtype of ``prior``.
+    :returns: ``[V]`` (or ``[R, V]``) new tensor, dtype of ``prior``.
 
     Source: ``shared/reference/strategies.md`` §2.3 item 3.
 
@@ -79,17 +80,18 @@ def token_prior(prior: torch.Tensor, first_token_ids: torch.Tensor, vocab_size: 
       (``test_token_prior_shared_first_token_takes_max``)
     - tokens no phrase starts with, and padding ids, get exactly 0 (``test_token_prior_zero_off_image``)
     - invariant to permuting or duplicating the phrases (``test_token_prior_permutation_invariant``)
+    - each row of a ``[R, P]`` prior gives that row's ``[V]`` table (``test_token_prior_batched_rows``)
     - compiles with ``fullgraph=True`` (``test_compile_fullgraph``)
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"`vocab_size` must be an int >= 1, got {vocab_size!r}")
-    ids = first_token_ids.to(device=prior.device, dtype=torch.long)  # [P]
+    ids = first_token_ids.to(device=prior.device, dtype=torch.long).expand(prior.shape)  # [..., P]
     in_range = (ids >= 0) & (ids < vocab_size)
     ids = torch.where(in_range, ids, torch.full_like(ids, vocab_size))  # out of range -> dummy slot V
-    table = torch.zeros(vocab_size + 1, dtype=prior.dtype, device=prior.device)  # [V + 1]
+    table = torch.zeros((*prior.shape[:-1], vocab_size + 1), dtype=prior.dtype, device=prior.device)  # [..., V + 1]
     # include_self=False: a token's value is the max over its phrases only, not max(0, ...).
-    table = table.scatter_reduce(0, ids, prior, reduce="amax", include_self=False)
-    return table[:vocab_size]  # [V]
+    table = table.scatter_reduce(-1, ids, prior, reduce="amax", include_self=False)
+    return table[..., :vocab_size]  # [..., V]
 
 
 def fuse(logits: torch.Tensor, token_prior: torch.Tensor, weight: _Scalar) -> torch.Tensor:
@@ -114,3 +116,31 @@ def fuse(logits: torch.Tensor, token_prior: torch.Tensor, weight: _Scalar) -> to
     prior = token_prior.to(dtype=logits.dtype, device=logits.device)  # [V] or [R, V]
     lam = weight.to(dtype=logits.dtype, device=logits.device) if isinstance(weight, torch.Tensor) else weight
     return logits + lam * prior  # [R, V]
+
+
+def cosine_scores(image_features: torch.Tensor, phrase_tokens: torch.Tensor,
+                  phrase_mask: torch.Tensor) -> torch.Tensor:
+    r"""The ``aligned`` scorer's similarity: ``s_k = cos(mean_i v_i, mean_j e_kj)``.
+
+    The image side is the mean of its feature vectors (every token of every image of one row, already in the
+    language model's embedding space); each phrase is the mean of its token embeddings. An unvalidated heuristic:
+    Janus's aligner is trained to feed image features to the LLM, not to place them near the words that name them.
+
+    :param image_features: ``[N, H]`` finite image feature vectors (N >= 1).
+    :param phrase_tokens: ``[K, L, H]`` token embeddings of K phrases, padded to L.
+    :param phrase_mask: ``[K, L]`` bool, True on real tokens; every phrase has at least one.
+    :returns: ``[K]`` scores in ``[-1, 1]``, dtype of ``image_features``.
+
+    Source: ``shared/reference/strategies.md`` §2.3 item 1 (plain cosine, as CLIP-guided decoding scores phrases).
+
+    Invariants:
+    - scores lie in ``[-1, 1]`` and do not change when the image features or a phrase's embeddings are scaled by a
+      positive number (``test_cosine_scores_scale_invariant``)
+    - padding tokens change nothing; permuting the phrases permutes the scores
+      (``test_cosine_scores_ignores_padding``)
+    """
+    image = image_features.mean(dim=0)  # [H]
+    mask = phrase_mask.to(phrase_tokens.dtype)[..., None]  # [K, L, 1]
+    phrases = (phrase_tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)  # [K, H]
+    phrases = phrases.to(image.dtype)
+    return torch.nn.functional.cosine_similarity(phrases, image[None], dim=-1)  # [K]

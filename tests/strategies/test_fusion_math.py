@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from janus_decoding.strategies import fusion_math
-from janus_decoding.strategies.fusion_math import fuse, phrase_prior, token_prior
+from janus_decoding.strategies.fusion_math import cosine_scores, fuse, phrase_prior, token_prior
 
 CI = settings(max_examples=60, deadline=None, derandomize=True)
 
@@ -202,3 +202,59 @@ def test_invariants_name_existing_tests():
         assert named, name
         for test in named:
             assert callable(globals().get(test)), f"{name} names missing test {test}"
+
+
+@CI
+@given(phrases(), st.integers(1, 3), st.randoms(use_true_random=False))
+def test_token_prior_batched_rows(c, rows, rnd):
+    prior, ids, vocab = c
+    priors = torch.stack([prior[torch.randperm(len(prior), generator=torch.Generator().manual_seed(rnd.randint(0, 99)))]
+                          for _ in range(rows)])  # [R, P]: a different prior per row, shared ids
+    table = token_prior(priors, ids, vocab)
+    assert table.shape == (rows, vocab)
+    for r in range(rows):
+        assert torch.equal(table[r], token_prior(priors[r], ids, vocab))
+    per_row_ids = ids.expand(rows, -1).clone()
+    assert torch.equal(token_prior(priors, per_row_ids, vocab), table)
+
+
+@st.composite
+def cosine_case(draw):
+    hidden = draw(st.integers(1, 5))
+    n = draw(st.integers(1, 4))
+    k = draw(st.integers(1, 4))
+    length = draw(st.integers(1, 3))
+    values = st.floats(-5, 5).filter(lambda v: abs(v) > 1e-3)
+    image = torch.tensor(draw(st.lists(values, min_size=n * hidden, max_size=n * hidden)), dtype=torch.float64)
+    tokens = torch.tensor(draw(st.lists(values, min_size=k * length * hidden, max_size=k * length * hidden)),
+                          dtype=torch.float64)
+    lengths = draw(st.lists(st.integers(1, length), min_size=k, max_size=k))
+    mask = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
+    return image.view(n, hidden), tokens.view(k, length, hidden), mask
+
+
+@CI
+@given(cosine_case(), st.floats(0.01, 100.0), st.floats(0.01, 100.0))
+def test_cosine_scores_scale_invariant(c, a, b):
+    image, tokens, mask = c
+    scores = cosine_scores(image, tokens, mask)
+    assert scores.shape == (tokens.shape[0],) and scores.dtype == image.dtype
+    assert (scores.abs() <= 1 + 1e-9).all()
+    scaled = tokens.clone()
+    scaled[0] *= b
+    torch.testing.assert_close(cosine_scores(image * a, scaled, mask), scores, atol=1e-9, rtol=1e-9)
+
+
+@CI
+@given(cosine_case(), st.floats(-50, 50), st.randoms(use_true_random=False))
+def test_cosine_scores_ignores_padding(c, junk, rnd):
+    image, tokens, mask = c
+    saved = image.clone(), tokens.clone(), mask.clone()
+    scores = cosine_scores(image, tokens, mask)
+    assert torch.equal(image, saved[0]) and torch.equal(tokens, saved[1]) and torch.equal(mask, saved[2])
+    padded = tokens.masked_fill(~mask[..., None], junk)
+    assert torch.equal(cosine_scores(image, padded, mask), scores)
+    order = list(range(tokens.shape[0]))
+    rnd.shuffle(order)
+    perm = torch.tensor(order)
+    torch.testing.assert_close(cosine_scores(image, tokens[perm], mask[perm]), scores[perm], atol=1e-12, rtol=0)
