@@ -23,6 +23,7 @@ class ModelAdapter(Protocol):
     layers: Sequence[nn.Module]  # transformers decoder layers, called as layer(h, mask, pos, cache, True, (cos, sin))
     num_layers: int
     hidden_size: int
+    intermediate_size: int  # the MLP's inner width
     num_kv_heads: int
     head_dim: int
     device: torch.device
