@@ -5,8 +5,9 @@ from janus_decoding.plugins.hookspecs import hookimpl
 from .dola import DoLa
 from .repetition_penalty import RepetitionPenalty
 from .sampling import Temperature, TopK, TopP
+from .token_pruning import TokenPruning
 
-BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa)
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning)
 
 
 @hookimpl
