@@ -6,8 +6,9 @@ from .dola import DoLa
 from .repetition_penalty import RepetitionPenalty
 from .sampling import Temperature, TopK, TopP
 from .token_pruning import TokenPruning
+from .visual_prior_fusion import VisualPriorFusion
 
-BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning)
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion)
 
 
 @hookimpl
