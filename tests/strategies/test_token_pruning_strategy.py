@@ -274,3 +274,19 @@ def test_image_mode_is_refused(tiny_model):
     with pytest.raises(StrategyError, match="`token_pruning`.*image mode"):
         run_images(tiny_model, Decoder([TokenPruning()]), [ImageRequest("a cube", 0)], cfg=CFGConfig(),
                    sampler=Sampler(greedy=True))
+
+
+def test_benchmark_runs_on_the_tiny_shape(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.token_pruning", "--shape", "tiny", "--runs", "1", "--warmup", "0",
+                    "--ratios", "0.5", "--out", str(out)], cwd=Path(__file__).resolve().parents[2], check=True,
+                   capture_output=True)
+    result = json.loads(out.read_text())
+    none, pruned = result["configs"]["none"], result["configs"]["keep_0.5"]
+    assert pruned["kv_bytes"] < none["kv_bytes"] and 0 < pruned["flops_saved"] < 1
+    assert pruned["kv_slots_per_layer"][2:] == [pruned["kept_tokens"]] * (result["num_layers"] - 2)
