@@ -5,5 +5,6 @@
 """
 
 from .contract import ContractError, StubState, check_strategy, run_contract
+from .model_contract import tiny_model
 
-__all__ = ["ContractError", "StubState", "check_strategy", "run_contract"]
+__all__ = ["ContractError", "StubState", "check_strategy", "run_contract", "tiny_model"]

@@ -1,4 +1,4 @@
-"""``check_strategy``: the contract every logits-transforming strategy must keep, checked on hypothesis tensors.
+"""``check_strategy``: the contract every strategy must keep, on hypothesis tensors and on short runs of a tiny model.
 
 The checks, each named in the failure message (:class:`ContractError`):
 
@@ -18,13 +18,15 @@ and, at the ``pre_logits`` and ``post_cfg`` hook points, in every declared mode 
 * **deterministic**: a fresh instance on a fresh state gives the same output.
 
 Strategies at other hook points (``hidden_states``, ``layer``, ``kv_inject``, ``schedule``, ``input_embeddings``)
-get the static checks, then the tensor checks are skipped (``unittest.SkipTest``, which pytest reports as a skip).
+cannot run on loose tensors; for them the per-hook checks run inside short real runs of the tiny model instead. Every
+strategy then goes through those runs (:mod:`janus_decoding.testing.model_contract`): declared hook points actually
+called, each declared mode works, outputs of the declared types, determinism, rows independent on a padded
+two-prompt batch, CFG pairs kept paired.
 """
 
 from __future__ import annotations
 
 import math
-import unittest
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -39,11 +41,12 @@ from janus_decoding.plugins.hookspecs import HOOK_POINTS
 from janus_decoding.plugins.registry import StrategyRegistry
 from janus_decoding.plugins.strategy import MODES, Param, Strategy, StrategyError
 
+from .model_contract import check_on_model
 from .strategies import dtypes, histories, logits
 
 __all__ = ["ContractError", "StubState", "check_strategy", "run_contract"]
 
-#: Hook points whose contract is checked on tensors; the others are skipped for now.
+#: Hook points whose contract is also checked on hypothesis tensors (when a strategy uses no other hook point).
 LOGITS_POINTS: tuple[str, ...] = ("pre_logits", "post_cfg")
 
 
@@ -104,14 +107,19 @@ def check_strategy(cls: type[Strategy], /, **params: Any) -> None:
     :param cls: a :class:`~janus_decoding.plugins.strategy.Strategy` subclass.
     :param params: its parameters (as in a spec); the defaults where left out.
     :raises ContractError: naming the strategy and the first broken property.
-    :raises unittest.SkipTest: after the static checks, for hook points without tensor checks yet.
     """
     run_contract(cls, params)
 
 
 def run_contract(cls: type[Strategy], params: dict[str, Any], *, max_examples: int = 40,
-                 device: torch.device | str = "cpu") -> None:
-    """:func:`check_strategy` with the number of hypothesis examples and the device spelled out."""
+                 device: torch.device | str = "cpu", on_model: bool = True, cfg_pairs: bool = True) -> None:
+    """:func:`check_strategy` with its options spelled out.
+
+    :param max_examples: hypothesis examples per logits hook point and mode.
+    :param device: where the hypothesis tensors live (the tiny-model runs are on CPU).
+    :param on_model: run the model-backed part (:func:`~janus_decoding.testing.model_contract.check_on_model`).
+    :param cfg_pairs: require identical cond/uncond rows to stay identical in image mode.
+    """
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ContractError(f"check_strategy: {cls!r} is not a Strategy subclass")
     label = cls.name or cls.__name__
@@ -119,13 +127,12 @@ def run_contract(cls: type[Strategy], params: dict[str, Any], *, max_examples: i
     instance = _build(cls, params, label)
     _check_spec_round_trip(cls, instance, label)
     _check_parameter_ranges(cls, params, label)
-    other = [h for h in cls.hooks if h not in LOGITS_POINTS]
-    if other:
-        raise unittest.SkipTest(f"check_strategy({label}): no tensor contract yet for hook point(s) "
-                                f"{', '.join(other)}; only {', '.join(LOGITS_POINTS)} are checked")
-    for point in cls.hooks:
-        for mode in cls.modes:
-            _check_logits_point(cls, params, label, point, mode, max_examples, torch.device(device))
+    if all(h in LOGITS_POINTS for h in cls.hooks):
+        for point in cls.hooks:
+            for mode in cls.modes:
+                _check_logits_point(cls, params, label, point, mode, max_examples, torch.device(device))
+    if on_model:
+        check_on_model(cls, params, label, _fail, cfg_pairs=cfg_pairs)
 
 
 def _fail(label: str, prop: str, detail: str) -> ContractError:

@@ -1,6 +1,7 @@
 """pytest plugin (entry point ``pytest11``): fixtures for strategy authors.
 
 * ``check_strategy`` — the :func:`janus_decoding.testing.check_strategy` function;
+* ``janus_tiny_model`` — the tiny random Janus the contract runs on (written and loaded once per process);
 * ``janus_hermetic`` — entry-point autoload off (``JANUS_DECODING_DISABLE_PLUGIN_AUTOLOAD=1``) and a fresh
   process-wide registry, so installed plugins cannot leak into a test.
 """
@@ -20,6 +21,14 @@ def check_strategy() -> Callable[..., None]:
     from .contract import check_strategy as check
 
     return check
+
+
+@pytest.fixture
+def janus_tiny_model():
+    """The tiny random Janus (CPU, fp32) of :func:`janus_decoding.testing.tiny_model`; do not change its weights."""
+    from .model_contract import tiny_model
+
+    return tiny_model()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ message names the broken property."""
 from __future__ import annotations
 
 import math
-import unittest
 
 import pytest
 import torch
@@ -25,10 +24,11 @@ def test_builtins_pass(cls, params):
     check_strategy(cls, **params)
 
 
-def test_dola_skipped_with_reason():
-    """DoLa reads hidden states; the kit has no tensor contract for that hook point yet."""
-    with pytest.raises(unittest.SkipTest, match="hidden_states"):
-        check_strategy(DoLa)
+@pytest.mark.parametrize("params", [{}, {"selection": "row"}, {"layers": [0, 2], "distance": "textbook"}],
+                         ids=["default", "row", "two-layers"])
+def test_dola_passes(params):
+    """DoLa (hidden_states + post_cfg) runs on the tiny model: its hooks are called and checked in both modes."""
+    check_strategy(DoLa, **params)
 
 
 def test_fixture_is_the_function(check_strategy):
