@@ -199,6 +199,61 @@ def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperat
                f"in {result.seconds:.1f}s")
 
 
+@main.command()
+@click.argument("prompts_file", metavar="PROMPTS", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The job's folder.")
+@_model_options
+@click.option("--decoder", "decoder_spec", default=None, help="A decoder spec, e.g. 'top_k(top_k=50)'.")
+@click.option("--decoder-file", type=click.Path(dir_okay=False), default=None, help="A TOML decoder file.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+              help="Images per forward batch; prompts are packed together while their images fit.")
+@click.option("--cfg", type=float, default=None, help="Guidance weight (default 5).")
+@click.option("--negative-prompt", default=None)
+@click.option("--temperature", type=float, default=None, help="Appends temperature(temperature=T).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Base seed: prompt i gets BASE + i unless it names its own.")
+@click.option("--greedy", is_flag=True, help="Argmax of the final logits.")
+@click.option("--rng", type=click.Choice(["row", "torch"]), default="row", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the job in --out (its settings must match).")
+@_fail_cleanly
+def batch(prompts_file, out_dir, model, device, dtype, decoder_spec, decoder_file, n, micro_batch, cfg,
+          negative_prompt, temperature, seed, greedy, rng, resume) -> None:
+    """Generate images for every prompt of a JSON / JSONL file; resumable, several processes under accelerate."""
+    from . import batch as job
+
+    if negative_prompt is not None and not negative_prompt.strip():
+        raise click.BadParameter("is empty", param_hint="--negative-prompt")
+    items, digest = job.read_prompts(prompts_file, n=n, base_seed=seed)
+    decoder = _build_decoder(decoder_spec, decoder_file, temperature)
+    decoder.with_cfg(weight=cfg, negative_prompt=negative_prompt)  # check --cfg before any work
+    built = {None: decoder}
+
+    def decoder_for(spec: str | None):
+        if spec not in built:
+            built[spec] = _build_decoder(spec, None, temperature)
+        return built[spec]
+
+    settings = job.JobSettings(model=model, decoder=decoder.to_spec(), n=n, seed=seed, cfg=cfg,
+                               negative_prompt=negative_prompt, temperature=temperature, rng=rng, greedy=greedy,
+                               dtype=dtype, micro_batch=micro_batch, prompts_sha256=digest)
+    processes = job.Processes.detect(device)
+
+    def progress(total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="prompt", desc="batch", file=sys.stderr, dynamic_ncols=True,
+                    disable=not processes.is_main)
+
+    report = job.run_job(prompts_file=prompts_file, out_dir=out_dir, settings=settings, items=items,
+                         decoder_for=decoder_for, load=lambda dev: _load(model, dev, dtype), processes=processes,
+                         resume=resume, say=lambda text: click.echo(text, err=True), progress=progress,
+                         generate_kwargs={"cfg": cfg, "micro_batch": micro_batch, "greedy": greedy, "rng": rng})
+    click.echo(job.summary(report, out_dir, processes))
+    if report.exit_code:
+        sys.exit(report.exit_code)
+
+
 def _text_command(kind: str):
     def run(args, model, device, dtype, decoder_spec, decoder_file, temperature, seed, greedy, rng, explain,
             max_new_tokens, stream) -> None:
