@@ -549,10 +549,10 @@ class FastLoop:
         stepper = _Stepper(options, state, hooks, sampler, graphs, weights)
         tokens: torch.Tensor | None = None
         t = 0
-        while t < state.total_steps:
+        while True:  # t == total_steps is visited once more, for a schedule hook after the last token
             state.step = t
-            if t > 0 and t in points:
-                state.step_t.fill_(t)
+            if t in points:
+                state.step_t.fill_(min(t, state.total_steps - 1))
                 action = hooks.schedule(state)
                 if isinstance(action, Rollback):
                     target = boundaries[t - action.steps]
@@ -566,10 +566,15 @@ class FastLoop:
                     stepper.dirty = True
                     continue
                 if isinstance(action, Rebuild):
+                    if t == state.total_steps:
+                        raise ValueError("schedule: a Rebuild after the last step has nothing left to generate")
                     batch, embeds = rebuild(state, action)
                     state.cache.reset()
                     logits = prefill(state, hooks, batch, embeds)
                     stepper.dirty = True
+            if t == state.total_steps:
+                state.step = t - 1  # as after the last step
+                break
             boundaries[t] = _Boundary(list(state.cache.fill), state.next_positions.clone(), logits) if points else None
             if logits is None:
                 actions = hooks.kv_inject(state)

@@ -28,6 +28,8 @@ class Sampler:
     greedy: bool = False
     rng: str = "row"
     generator: torch.Generator | None = None  # rng="torch"
+    # rng="row": draw(probs [P, V], state) -> ids [P] in place of sample_row_rng (the fast path's precomputed hashes)
+    row_draw: Callable[[torch.Tensor, StepState], torch.Tensor] | None = None
 
 
 @dataclass
@@ -129,11 +131,14 @@ def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, samp
     if sampler.greedy:
         tokens = torch.argmax(logits, dim=-1)
     elif sampler.rng == "row":
-        tokens = sample_row_rng(probs, state.rng_keys, state.step_t)
+        if sampler.row_draw is not None:
+            tokens = sampler.row_draw(probs, state)
+        else:
+            tokens = sample_row_rng(probs, state.rng_keys, state.step_t)
     else:
         tokens = sample_torch(probs, sampler.generator)
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
-    state.memory["_flags"] |= bad
+    # A row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if it has no finite entry: one reduction.
+    state.memory["_flags"] |= ~torch.isfinite(logits.amax(-1))
     state.last_probs = probs
     record(state, tokens)
     hooks.after_sample(state, tokens, probs)
@@ -210,10 +215,11 @@ def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.T
     lengths = torch.zeros(state.num_pairs, dtype=torch.long, device=embeds.device)
     tokens = None
     t = 0
-    while t < state.total_steps:
+    while True:  # t == total_steps is visited once more, for a schedule hook after the last token
         state.step = t
-        state.step_t.fill_(t)
-        if t > 0 and t in points:
+        if t < state.total_steps:
+            state.step_t.fill_(t)
+        if t in points:
             action = hooks.schedule(state)
             if isinstance(action, Rollback):
                 target = boundaries[t - action.steps]
@@ -226,9 +232,14 @@ def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.T
                 tokens = state.generated[:, t - 1] if t > 0 else None
                 continue
             if isinstance(action, Rebuild):
+                if t == state.total_steps:
+                    raise ValueError("schedule: a Rebuild after the last step has nothing left to generate")
                 batch, embeds = rebuild(state, action)
                 state.cache.reset()
                 logits = prefill(state, hooks, batch, embeds)
+        if t == state.total_steps:
+            state.step = t - 1  # as after the last step
+            break
         boundaries[t] = _Boundary(list(state.cache.fill), state.next_positions.clone(), logits)
         if logits is None:
             inject(state, hooks, hooks.kv_inject(state))

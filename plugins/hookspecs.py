@@ -100,5 +100,8 @@ class StrategyHookPoints:
         """Host side, at the step boundaries declared by ``schedule_points(state)`` (not graph-safe): may pause the
         loop, run nested generation through ``state.answer(...)``, and return ``Rebuild(prompts)`` (restart from new
         prompt texts plus the image tokens so far, fresh cache) or ``Rollback(steps, stream)`` (drop the last
-        ``steps`` tokens from history and cache and regenerate them with RNG stream ``stream``).
+        ``steps`` tokens from history and cache and regenerate them with RNG stream ``stream``). Boundary ``0`` is
+        after the prefill, before the first token; boundary ``total_steps`` is after the last token, where only
+        ``Rollback`` (or nothing) may be returned. After a rollback the loop calls ``schedule`` again at the boundary
+        it returned to.
         """
