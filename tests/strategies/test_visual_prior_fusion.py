@@ -278,8 +278,9 @@ def test_siglip_without_a_usable_folder_is_refused(tiny_model, picture, tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     vision_only = tmp_path / "vision_only"
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=32, patch_size=16)).save_pretrained(vision_only)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16)
+    SiglipVisionModel(config).save_pretrained(vision_only)
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         (vision_only / name).write_bytes((siglip_folder / name).read_bytes())
     for folder, message in ((empty, "is not a usable SigLIP/CLIP folder"),
