@@ -3,14 +3,13 @@
 from janus_decoding.plugins.hookspecs import hookimpl
 
 from .dola import DoLa
-from .latent_control import LatentControl
 from .hf_interop import HFProcessor
 from .repetition_penalty import RepetitionPenalty
 from .sampling import Temperature, TopK, TopP
 from .token_pruning import TokenPruning
 from .visual_prior_fusion import VisualPriorFusion
 
-BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion, HFProcessor, LatentControl)
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion, HFProcessor)
 
 
 @hookimpl

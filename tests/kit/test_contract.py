@@ -9,18 +9,29 @@ import pytest
 import torch
 
 from janus_decoding.plugins.strategy import Param, Strategy
-from janus_decoding.strategies import RepetitionPenalty, Temperature, TopK, TopP
+from janus_decoding.strategies import BUILTINS, RepetitionPenalty, Temperature, TopK, TopP
 from janus_decoding.strategies.dola import DoLa
 from janus_decoding.testing import ContractError, check_strategy
 
 
+#: Parameters for built-ins whose defaults do not run alone (a required parameter, a tiny-model grid).
+BUILTIN_PARAMS = {
+    "hf_processor": {"processor": "TopKLogitsProcessor", "top_k": 5},
+    "visual_prior_fusion": {"bank_from_question": True},
+    "twig": {"stages": 2},
+}
+
+
+@pytest.mark.parametrize("cls", BUILTINS, ids=lambda c: c.name)
+def test_every_builtin_passes(cls):
+    check_strategy(cls, **BUILTIN_PARAMS.get(cls.name, {}))
+
+
 @pytest.mark.parametrize(("cls", "params"), [
-    (Temperature, {}), (Temperature, {"temperature": 0.7}),
-    (TopK, {}), (TopK, {"top_k": 3, "min_tokens_to_keep": 2}),
-    (TopP, {}), (TopP, {"top_p": 0.5}),
-    (RepetitionPenalty, {}), (RepetitionPenalty, {"penalty": 1.5}),
+    (Temperature, {"temperature": 0.7}), (TopK, {"top_k": 3, "min_tokens_to_keep": 2}), (TopP, {"top_p": 0.5}),
+    (RepetitionPenalty, {"penalty": 1.5}),
 ], ids=lambda x: getattr(x, "name", None) or repr(x))
-def test_builtins_pass(cls, params):
+def test_builtins_pass_with_other_parameters(cls, params):
     check_strategy(cls, **params)
 
 
