@@ -336,8 +336,8 @@ def merge_shards(out: Path, items: Sequence[PromptItem]) -> tuple[int, int]:
 
 
 # -- the job -------------------------------------------------------------------------------------------------
-def prepare_folder(out_dir: str, settings: JobSettings, *, resume: bool, processes: Processes) -> Path:
-    """Check the folder and ``job.json`` (every process), then let the main process write it and clean up."""
+def check_folder(out_dir: str, settings: JobSettings, *, resume: bool, processes: Processes) -> Path:
+    """Check the folder and any ``job.json`` in it (every process) before anything is loaded or written."""
     out = Path(out_dir)
     job = out / JOB_FILE
     if processes.is_main:
@@ -358,13 +358,20 @@ def prepare_folder(out_dir: str, settings: JobSettings, *, resume: bool, process
                 if isinstance(recorded, dict) else "not a JSON object"
             raise BatchInputError(f"--resume: the job in {out} has other settings ({what}); "
                                   "use the same settings or another --out")
+    return out
+
+
+def start_folder(out: Path, settings: JobSettings, processes: Processes) -> None:
+    """The main process writes ``job.json`` (if new) and removes temporary files a killed run left behind; each
+    process drops torn lines from its own shards."""
     processes.barrier()
     if processes.is_main:
         remove_temporaries(out)
-        if not job.exists():
-            write_json_atomic(job, settings.to_json())
-    processes.barrier()
-    return out
+        if not (out / JOB_FILE).exists():
+            write_json_atomic(out / JOB_FILE, settings.to_json())
+    repair_jsonl(processes.manifest_shard(out))
+    repair_jsonl(processes.failures_shard(out))
+    processes.barrier()  # every process has read the shards and is set up before anyone appends
 
 
 def groups(items: Sequence[PromptItem], *, micro_batch: int | None, pack: bool) -> Iterator[list[PromptItem]]:
@@ -431,17 +438,14 @@ def run_job(*, prompts_file: str, out_dir: str, settings: JobSettings, items: Se
     ``decoder_for(spec)`` builds the decoder of a prompt (``None``: the job's); ``load(device)`` loads the model;
     ``generate_kwargs`` go to ``Decoder.generate_images`` unchanged (cfg, micro_batch, greedy, rng).
     """
-    out = prepare_folder(out_dir, settings, resume=resume, processes=processes)
-    repair_jsonl(processes.manifest_shard(out))
-    repair_jsonl(processes.failures_shard(out))
+    out = check_folder(out_dir, settings, resume=resume, processes=processes)
     done = finished(out, items)
-    processes.barrier()  # every process has read the shards before anyone appends
     pending = [item for item in items if item.index not in done][processes.rank::processes.world]
+    model = load(processes.device) if pending else None  # a bad model fails before anything is written
+    start_folder(out, settings, processes)
     report = JobReport(skipped=len(done))
     start = time.perf_counter()
     if pending:
-        model = load(processes.device)
-        start = time.perf_counter()  # rates count generation and writing, not loading
         pack = generate_kwargs.get("rng", "row") == "row"
         bar = progress(len(pending)) if progress is not None else None
         with _StopAfterCurrent(say) as stop:
