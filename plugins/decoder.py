@@ -211,6 +211,10 @@ class Decoder:
         for s in self._at("schedule"):
             if state.step in s.schedule_points(state):
                 action = s.schedule(state)
+                if isinstance(action, Rollback) and not 1 <= action.steps <= state.step:
+                    # the loop can only return to a boundary it has passed (else: a bare KeyError from the loop)
+                    raise StrategyOutputError(f"`{s.name}` (schedule) returned Rollback(steps={action.steps!r}) at "
+                                              f"step {state.step}; `steps` must be in [1, {state.step}]")
                 if action is not None:
                     return action
         return None

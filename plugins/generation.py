@@ -94,7 +94,8 @@ def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str]
     n = _check_int("n", n, 1)
     micro = _check_int("micro_batch", micro_batch, 1) if micro_batch is not None else n * len(texts)
     decoder.check_mode("image", model, has_image=False)
-    run_decoder = decoder.with_cfg(weight=cfg, negative_prompt=negative_prompt) if (cfg is not None or negative_prompt) else decoder
+    overrides = cfg is not None or negative_prompt is not None  # an empty negative prompt is an error, not ignored
+    run_decoder = decoder.with_cfg(weight=cfg, negative_prompt=negative_prompt) if overrides else decoder
     cfg_config: CFGConfig = run_decoder.cfg
     seeds = _seeds(seed, len(texts))
     requests = [ImageRequest(p, s, k) for p, s in zip(texts, seeds) for k in range(n)]
