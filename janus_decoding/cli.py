@@ -164,6 +164,7 @@ def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperat
         if not p.strip():
             raise click.BadParameter(f"prompt {i + 1} is empty", param_hint="PROMPTS")
     decoder = _build_decoder(decoder_spec, decoder_file, temperature)
+    decoder.with_cfg(weight=cfg, negative_prompt=negative_prompt)  # check --cfg/--negative-prompt before any work
     out = output.ensure_writable_dir(out_dir)
     handle = _load(model, device, dtype)
     rows, cols = handle.image_grid or (0, 0)
