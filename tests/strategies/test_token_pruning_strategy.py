@@ -4,8 +4,6 @@ forward with the pruned positions masked out of layers >= k (or zeroed at layer 
 
 from __future__ import annotations
 
-import unittest
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -224,11 +222,11 @@ def test_rows_are_pruned_independently(tiny_model):
 
 
 # -- contract, CLI, bad input ------------------------------------------------------------------------------------
-def test_check_strategy():
-    try:
-        check_strategy(TokenPruning, layer=2, keep_ratio=0.5)
-    except unittest.SkipTest as skip:  # static checks passed; the kit has no tensor contract for `layer` yet
-        assert "layer" in str(skip)
+@pytest.mark.parametrize("params", [dict(layer=2, keep_ratio=0.5),
+                                    dict(method="uniform", mode="soft", layer=1, keep_ratio=0.25)])
+def test_check_strategy(params):
+    """The author kit's contract, on its tiny-model-backed state (hard and soft, two layers)."""
+    check_strategy(TokenPruning, **params)
 
 
 def test_cli_explain_prints_answer_kept_count_and_flops_saved(tiny_model, tmp_path):
