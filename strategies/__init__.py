@@ -7,9 +7,10 @@ from .hf_interop import HFProcessor
 from .repetition_penalty import RepetitionPenalty
 from .sampling import Temperature, TopK, TopP
 from .token_pruning import TokenPruning
+from .twig import TwiG
 from .visual_prior_fusion import VisualPriorFusion
 
-BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion, HFProcessor)
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion, HFProcessor, TwiG)
 
 
 @hookimpl

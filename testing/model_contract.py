@@ -219,6 +219,8 @@ def _check_schedule(probe, state, args, out) -> None:
         if not (isinstance(out.stream, int) and out.stream >= 0):
             raise _Failure("output types", f"Rollback.stream must be an int ≥ 0, got {out.stream!r}")
     elif isinstance(out, Rebuild):
+        if state.step >= state.total_steps:
+            raise _Failure("output types", "Rebuild after the last token (only Rollback or None may end a run)")
         prompts = out.prompts
         if not isinstance(prompts, list) or len(prompts) != state.num_pairs \
                 or not all(isinstance(p, str) and p.strip() for p in prompts):
@@ -259,7 +261,8 @@ _RANGES: dict[str, Callable[[Any], tuple[int, int | None]]] = {
     "layer_points": lambda s: (0, s.num_layers - 1),
     "hidden_layers": lambda s: (0, s.num_layers),
     "prompt_layers": lambda s: (0, s.num_layers),
-    "schedule_points": lambda s: (1, None),  # a point past the run's last step just never fires
+    # 0 = after the prefill, total_steps = after the last token; a point past that just never fires
+    "schedule_points": lambda s: (0, None),
 }
 
 
