@@ -4,13 +4,14 @@ from janus_decoding.plugins.hookspecs import hookimpl
 
 from .dola import DoLa
 from .hf_interop import HFProcessor
+from .latent_control import LatentControl
 from .repetition_penalty import RepetitionPenalty
 from .sampling import Temperature, TopK, TopP
 from .token_pruning import TokenPruning
 from .twig import TwiG
 from .visual_prior_fusion import VisualPriorFusion
 
-BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion, HFProcessor, TwiG)
+BUILTINS = (Temperature, TopK, TopP, RepetitionPenalty, DoLa, TokenPruning, VisualPriorFusion, HFProcessor, TwiG, LatentControl)
 
 
 @hookimpl
