@@ -97,10 +97,14 @@ def _check_unchanged(snapshot) -> None:
             raise _Failure("inputs not mutated", f"modified `{name}` in place")
 
 
+#: Identical rows at different batch positions may take different kernel paths (multi-threaded CPU GEMM).
+PAIR_RTOL = PAIR_ATOL = 1e-4
+
+
 def _same_pair(state, rows: torch.Tensor) -> bool:
     cond, uncond = split_branches(rows, state.layout)
     if rows.is_floating_point():
-        return bool(torch.isclose(cond, uncond, equal_nan=True).all())
+        return bool(torch.isclose(cond.float(), uncond.float(), rtol=PAIR_RTOL, atol=PAIR_ATOL, equal_nan=True).all())
     return torch.equal(cond, uncond)
 
 

@@ -1,4 +1,4 @@
-"""The author kit's contract: every built-in logits strategy passes it; deliberately broken ones fail it, and the
+"""The author kit's contract: every built-in strategy passes it; deliberately broken ones fail it, and the
 message names the broken property."""
 
 from __future__ import annotations
