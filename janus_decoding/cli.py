@@ -165,8 +165,9 @@ def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperat
             raise click.BadParameter(f"prompt {i + 1} is empty", param_hint="PROMPTS")
     decoder = _build_decoder(decoder_spec, decoder_file, temperature)
     decoder.with_cfg(weight=cfg, negative_prompt=negative_prompt)  # check --cfg/--negative-prompt before any work
-    out = output.ensure_writable_dir(out_dir)
+    output.check_writable_dir(out_dir)
     handle = _load(model, device, dtype)
+    out = output.ensure_writable_dir(out_dir)  # created only once the model has loaded
     rows, cols = handle.image_grid or (0, 0)
     progress = _Progress(len(prompts) * n * rows * cols, "tok", "generating")
     try:

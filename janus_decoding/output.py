@@ -37,6 +37,19 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     return out
 
 
+def check_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Refuse an unusable output path before any work, without creating anything (a failed run leaves no folder)."""
+    out = Path(path)
+    if out.exists():
+        return ensure_writable_dir(out)
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {out} is not writable: {parent} is not a writable folder")
+    return out
+
+
 def write_png(image: Image.Image, path: Path) -> None:
     """Write to a temporary sibling, then rename: a crash never leaves a half-written picture under the name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -16,6 +16,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from . import prompts
 
 
+#: DeepSeek's VLMImageProcessor `min_size`: the shortest side it will work with.
+MIN_IMAGE_SIDE = 14
+
+
 class ModelKindError(ValueError):
     """An image feature was asked of a text-only model (or the reverse)."""
 
@@ -124,6 +128,11 @@ class JanusAdapter:
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images → ``[n, 3, S, S]`` pixels as Janus's processor prepares them (pad to square, [-1, 1])."""
         self.require_janus("image understanding")
+        smallest = getattr(self.image_processor, "min_size", None) or MIN_IMAGE_SIDE
+        for i, image in enumerate(images):
+            if min(image.size) < smallest:
+                raise ValueError(f"image {i + 1} is {image.size[0]}×{image.size[1]} pixels; images need at least "
+                                 f"{smallest} pixels on each side")
         batch = self.image_processor(images=list(images), return_tensors="pt")
         return batch["pixel_values"].to(self.device, self.dtype)
 
