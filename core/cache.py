@@ -29,13 +29,20 @@ class StaticKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        layer_lengths: list[int] | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.batch = batch
         self.max_len = max_len
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Slots each layer can hold: layers after a hard-pruning layer hook may be allocated shorter (the hook
+        # declares it up front through `kv_layer_reduction`), so pruning really saves memory.
+        self.capacity = list(layer_lengths) if layer_lengths is not None else [max_len] * num_layers
+        if len(self.capacity) != num_layers or any(not 0 < c <= max_len for c in self.capacity):
+            raise ValueError(f"layer_lengths must give {num_layers} lengths in (0, {max_len}], got {layer_lengths}")
+        self.keys = [torch.zeros((batch, num_kv_heads, c, head_dim), dtype=dtype, device=device)
+                     for c in self.capacity]
+        self.values = [torch.zeros((batch, num_kv_heads, c, head_dim), dtype=dtype, device=device)
+                       for c in self.capacity]
         self.valid = torch.zeros(num_layers, batch, max_len, dtype=torch.bool, device=device)  # [N, B, L]
         self.fill = [0] * num_layers  # host ints: lengths are known on the host at every step boundary
         self.group = [0] * num_layers  # layers with one group id share fill and validity (one mask per group)
@@ -80,6 +87,10 @@ class StaticKVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' attention hands us the new keys/values ``[B, H_kv, T, D]``; we return the readable cache."""
         slots = self._write_slots[layer_idx]
+        if self.written(layer_idx) > self.capacity[layer_idx]:
+            raise RuntimeError(f"KV cache overflow in layer {layer_idx}: {self.written(layer_idx)} slots > "
+                               f"{self.capacity[layer_idx]} allocated (a strategy declared a larger "
+                               "`kv_layer_reduction` than it pruned)")
         self.keys[layer_idx].index_copy_(2, slots, key_states.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, slots, value_states.to(self.values[layer_idx].dtype))
         end = self.read_len if self.read_len is not None else self.written(layer_idx)

@@ -29,9 +29,11 @@ class ImageRequest:
     negative_prompt: str | None = None
 
 
-def _new_cache(adapter: ModelAdapter, rows: int, length: int) -> StaticKVCache:
+def _new_cache(adapter: ModelAdapter, rows: int, length: int, reduction: dict[int, int] | None = None) -> StaticKVCache:
+    """The static cache; ``reduction`` {k: slots} shortens layers ≥ k by the slots a layer hook will drop there."""
+    lengths = [length - sum(n for k, n in (reduction or {}).items() if k <= layer) for layer in range(adapter.num_layers)]
     return StaticKVCache(num_layers=adapter.num_layers, batch=rows, max_len=length, num_kv_heads=adapter.num_kv_heads,
-                         head_dim=adapter.head_dim, dtype=adapter.dtype, device=adapter.device)
+                         head_dim=adapter.head_dim, dtype=adapter.dtype, device=adapter.device, layer_lengths=lengths)
 
 
 def _image_prompt_rows(adapter, prompts: Sequence[str], negatives: Sequence[str | None], layout: str) -> PromptBatch:
@@ -97,8 +99,8 @@ def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequ
                 raise ValueError(f"prompt {row}: {slots.numel()} image slots but {feats.shape[0]} image features")
             embeds[row, slots] = feats
     state = _new_state(adapter, hooks, batch, mode="text", layout="interleaved", steps=max_new_tokens, seeds=seeds,
-                       indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch)
-    state.image_token_mask = image_mask
+                       indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch,
+                       image_token_mask=image_mask)
     state.pixel_values = list(pixel_values) if pixel_values is not None else None
     return run(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id, pad_id=adapter.pad_id,
                progress=progress)
@@ -117,16 +119,18 @@ def answer_text(adapter: ModelAdapter, images: Sequence[Any] | None, question: s
 
 
 def _new_state(adapter, hooks, batch: PromptBatch, *, mode, layout, steps, seeds, indices, prompts, cfg,
-               history_prefix: PromptBatch | None) -> StepState:
+               history_prefix: PromptBatch | None, image_token_mask: torch.Tensor | None = None) -> StepState:
     pairs = len(seeds)
     device = adapter.device
     probe = StepState(adapter=adapter, mode=mode, layout=layout, num_pairs=pairs, total_steps=steps,
                       prompt_ids=batch.ids, attention_mask=batch.valid, prompt_positions=batch.positions,
                       next_positions=batch.next_positions, cache=None, generated=None, history=None,
                       history_valid=None, history_offset=0, rng_keys=None, cfg_weight=None,
-                      cfg_schedule="constant", prompts=list(prompts), seeds=list(seeds))
+                      cfg_schedule="constant", prompts=list(prompts), seeds=list(seeds),
+                      image_token_mask=image_token_mask)
     growth = int(hooks.kv_growth(probe))
-    probe.cache = _new_cache(adapter, batch.ids.shape[0], batch.ids.shape[1] + steps + growth)
+    reduction = getattr(hooks, "kv_layer_reduction", lambda state: {})(probe)
+    probe.cache = _new_cache(adapter, batch.ids.shape[0], batch.ids.shape[1] + steps + growth, reduction)
     probe.generated = torch.zeros(pairs, steps, dtype=torch.long, device=device)
     if history_prefix is not None:  # text: transformers' semantics, the prompt counts as history
         probe.history = torch.cat([history_prefix.ids, probe.generated], 1)

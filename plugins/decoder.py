@@ -144,6 +144,13 @@ class Decoder:
             embeds = out
         return embeds
 
+    def kv_layer_reduction(self, state: StepState) -> dict[int, int]:
+        total: dict[int, int] = {}
+        for s in self._at("layer"):
+            for k, n in s.kv_layer_reduction(state).items():
+                total[k] = total.get(k, 0) + int(n)
+        return total
+
     def layer_points(self, state: StepState) -> list[int]:
         return sorted({k for s in self._at("layer") for k in s.layer_points(state)})
 

@@ -168,6 +168,10 @@ class Strategy:
     def kv_growth(self, state: "StepState") -> int:
         return 0
 
+    def kv_layer_reduction(self, state: "StepState") -> dict[int, int]:
+        """{k: slots}: a hard layer hook at k will keep ``slots`` fewer positions in layers ≥ k (cache sizing)."""
+        return {}
+
     def layer_points(self, state: "StepState") -> list[int]:
         return []
 

@@ -49,6 +49,13 @@ class TokenPruning(Strategy):
         self._n_image = counts[0]
         self._n_keep = keep_count(self._n_image, self.config["keep_ratio"])
 
+    def kv_layer_reduction(self, state) -> dict[int, int]:
+        """Hard mode drops ``n_image − n_keep`` positions from layer ``layer`` on: allocate those layers shorter."""
+        if self.config["mode"] != "hard" or state.image_token_mask is None:
+            return {}
+        n_image = int(state.image_token_mask.sum(-1).max())  # host read once, at setup
+        return {self.config["layer"]: n_image - keep_count(n_image, self.config["keep_ratio"])}
+
     def layer_points(self, state) -> list[int]:
         return [self.config["layer"]]
 
