@@ -264,15 +264,49 @@ class _RecordLogits(Strategy):
         return logits
 
 
-def check_greedy(adapter, requests: list[ImageRequest], options: FastOptions) -> dict[str, Any]:
-    """Greedy tokens and per-step logits of the eager loop and the graph loop, compared step by step."""
-    runs = {}
-    for label, loop in (("eager", run), ("graph", FastLoop(options))):
-        recorder = _RecordLogits()
-        decoder = Decoder([recorder])
-        with torch.inference_mode():
-            result = run_images(adapter, decoder, requests, cfg=decoder.cfg, sampler=Sampler(greedy=True), loop=loop)
-        runs[label] = (result.tokens.clone(), recorder.raw, recorder.guided)
+def _greedy_logits(adapter, requests, loop):
+    recorder = _RecordLogits()
+    decoder = Decoder([recorder])
+    with torch.inference_mode():
+        result = run_images(adapter, decoder, requests, cfg=decoder.cfg, sampler=Sampler(greedy=True), loop=loop)
+    return result.tokens.clone(), recorder.raw, recorder.guided
+
+
+def _against(reference, other) -> dict[str, Any]:
+    """Relative error of ``other``'s guided logits against ``reference``'s while their inputs agree."""
+    (tr, _, gr), (to, _, go) = reference, other
+    steps = tr.shape[1]
+    differs = tr != to
+    first = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], steps, dtype=torch.long))
+    same = torch.arange(steps, device=tr.device)[None, :] <= first[:, None]  # [P, S]
+    a, b = gr.transpose(0, 1), go.transpose(0, 1)  # [P, S, V]
+    rel = (a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-30)
+    return {"rel_err_max": float(rel[same].max()), "rel_err_median": float(rel[same].median()),
+            "first_divergence_min": int(first.min())}
+
+
+def check_greedy(adapter, requests: list[ImageRequest], options: FastOptions, fp32: bool = False) -> dict[str, Any]:
+    """Greedy tokens and per-step logits of the eager loop and the graph loop, compared step by step.
+
+    With ``fp32``, both are also compared with the eager loop on an fp32 copy of the model: the graph's error should
+    be of the size of the eager loop's own bf16 error.
+    """
+    runs = {"eager": _greedy_logits(adapter, requests, run), "graph": _greedy_logits(adapter, requests,
+                                                                                     FastLoop(options))}
+    extra: dict[str, Any] = {}
+    if fp32:
+        import copy
+
+        from janus_decoding.models.adapter import JanusAdapter
+
+        wide = JanusAdapter(copy.deepcopy(adapter.model).to(torch.float32), adapter.tokenizer, None, name="fp32 copy")
+        truth = _greedy_logits(wide, requests, run)
+        del wide
+        extra = {"eager_bf16_vs_eager_fp32": _against(truth, runs["eager"]),
+                 "graph_bf16_vs_eager_fp32": _against(truth, runs["graph"])}
+        # The meaningful bf16 tolerance: the graph is no further from fp32 than the eager loop itself (+10%).
+        extra["graph_as_accurate_as_eager_vs_fp32"] = (extra["graph_bf16_vs_eager_fp32"]["rel_err_max"]
+                                                       <= max(1.1 * extra["eager_bf16_vs_eager_fp32"]["rel_err_max"], 1e-5))
     (te, raw_e, guided_e), (tg, raw_g, guided_g) = runs["eager"], runs["graph"]
     steps = te.shape[1]
     differs = te != tg  # [P, S]
@@ -305,6 +339,7 @@ def check_greedy(adapter, requests: list[ImageRequest], options: FastOptions) ->
         "first_near_tie_per_image (top-2 gap < max abs err)": first_tie.tolist(),
         "divergence_only_at_or_after_a_near_tie": ok,
         "within_bf16_tolerance (rel err <= 1e-2)": float(rel_err[same_inputs].max()) <= 1e-2,
+        **extra,
     }
 
 
@@ -339,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"graph variants: {', '.join(VARIANTS)}")
     parser.add_argument("--paths", default="reference,eager,graph", help="which of reference, eager, graph to time")
     parser.add_argument("--check", action="store_true", help="greedy eager vs graph logits comparison")
+    parser.add_argument("--check-fp32", action="store_true",
+                        help="in --check, also compare both against the eager loop on an fp32 copy of the model")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object (default: a short table)")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after each section)")
@@ -397,15 +434,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return go
 
-    if "reference" in paths:
-        generator = torch.Generator(device=device).manual_seed(0)
-        _log("reference")
-        report["paths"]["reference"] = attempt("reference", lambda: time_path(
-            lambda: reference_generate(adapter, prompt_ids, args.parallel, cfg_weight=decoder.cfg.weight, steps=steps,
-                                       generator=generator), args.runs, device))
-    if "eager" in paths:
-        _log("eager")
-        report["paths"]["eager"] = attempt("eager", lambda: time_path(ours(run), args.runs, device))
     if "graph" in paths:
         names = [v for v in args.variants.split(",") if v]
         if device.type != "cuda":
@@ -422,10 +450,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 entry["options"] = _describe(options)
                 entry["last_run"] = loop.stats
             report["paths"][name] = entry
+            save()
             if index == 0 and args.check:  # before the other variants, so a failing one cannot spoil it
                 _log("check")
-                report["check"] = attempt("check", lambda: check_greedy(adapter, requests, options))
+                report["check"] = attempt("check", lambda: check_greedy(adapter, requests, options, args.check_fp32))
                 report["check_variant"] = _describe(options)
+    if "eager" in paths:
+        _log("eager")
+        report["paths"]["eager"] = attempt("eager", lambda: time_path(ours(run), args.runs, device))
+        save()
+    if "reference" in paths:  # last: its growing dynamic cache inflates the allocator's reserve
+        generator = torch.Generator(device=device).manual_seed(0)
+        _log("reference")
+        report["paths"]["reference"] = attempt("reference", lambda: time_path(
+            lambda: reference_generate(adapter, prompt_ids, args.parallel, cfg_weight=decoder.cfg.weight, steps=steps,
+                                       generator=generator), args.runs, device))
+        save()
     ref = (report["paths"].get("reference") or {}).get("median_s")
     flo = report["floor"].get("total_s")
     report["ratios"] = {}

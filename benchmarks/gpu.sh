@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks on the GPU machine (no network), from the repository root of the working tree the device tool sends.
 #
-#   bash benchmarks/gpu.sh STAGE...      stages: tests | 1b | 7b | tiny | load
+#   bash benchmarks/gpu.sh STAGE...      stages: tests | tiny | 1b | 7b | write-bg | load
+#
+# `write-bg` starts writing the random 7B DeepSeek-format folder in the background (one CPU core) so that a later
+# `load` only waits for it. Per shape: GENERATE_ARGS_<shape> adds arguments, LIMIT_<shape> bounds the seconds,
+# TAG_<shape> suffixes the result file.
 #
 # Carry `.whl` (wheels of what the machine's image lacks or has too old: transformers 5.24, pluggy 1.7, regex), e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -33,13 +37,20 @@ for stage in "$@"; do
     tests)
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/core/test_graph.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
     tiny|1b|7b)
-      limit=$([ "$stage" = 7b ] && echo 300 || echo 200)
-      timeout "$limit" python3 -m benchmarks.generate --shape "$stage" --parallel 16 --json --check \
-        --out "$OUT/generate-$stage.json" ${GENERATE_ARGS:-} >/dev/null 2>"$OUT/generate-$stage.log"
-      rc=$?; tail -5 "$OUT/generate-$stage.log"; [ $rc -eq 0 ] || { echo "generate $stage: exit $rc"; status=1; } ;;
+      limit_var="LIMIT_$stage"; args_var="GENERATE_ARGS_$stage"; tag_var="TAG_$stage"
+      limit=${!limit_var:-$([ "$stage" = 7b ] && echo 300 || echo 200)}
+      name="generate-$stage${!tag_var:-}"
+      timeout "$limit" python3 -m benchmarks.generate --shape "$stage" --parallel 16 --json \
+        --out "$OUT/$name.json" ${!args_var:---check} >/dev/null 2>"$OUT/$name.log"
+      rc=$?; grep -v Warning "$OUT/$name.log" | tail -4; [ $rc -eq 0 ] || { echo "generate $stage: exit $rc"; status=1; } ;;
+    write-bg)
+      (timeout 500 python3 -m benchmarks.load --shape 7b --format deepseek --folder /tmp/janus-pro-7b-deepseek \
+        --write-only >/tmp/write-7b.log 2>&1) &
+      writer=$! ;;
     load)
-      timeout 420 python3 -m benchmarks.load --shape 7b --format deepseek --folder /tmp/janus-pro-7b-deepseek --json \
-        --out "$OUT/load-7b.json" 2>"$OUT/load-7b.log" | tail -30 ;;
+      [ -n "${writer:-}" ] && { wait "$writer"; echo "writer exit $? at $(date -u +%T)"; tail -c 600 /tmp/write-7b.log; }
+      timeout 200 python3 -m benchmarks.load --shape 7b --format deepseek --folder /tmp/janus-pro-7b-deepseek --json \
+        --load-only --out "$OUT/load-7b.json" 2>"$OUT/load-7b.log" | tail -30 ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done

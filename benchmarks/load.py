@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--format", choices=("hf", "deepseek"), default="deepseek")
     parser.add_argument("--folder", required=True)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--write-only", action="store_true", help="write the folder and stop")
+    parser.add_argument("--load-only", action="store_true", help="do not write; load the folder that is there")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -58,10 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
     folder = Path(args.folder)
     report: dict = {"benchmark": "load", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "shape": args.shape, "format": args.format, "folder": str(folder)}
-    if not (folder / TINY_MARKER).is_file():
+    if not (folder / TINY_MARKER).is_file() and not args.load_only:
         start = time.perf_counter()
         write_tiny_checkpoint(folder, seed=0, format=args.format, shape=args.shape)
         report["write_s"] = time.perf_counter() - start
+        (folder.parent / f"{folder.name}.write_s").write_text(f"{report['write_s']}\n")
+    if args.write_only:
+        print(json.dumps(report))
+        return report
+    timing = folder.parent / f"{folder.name}.write_s"
+    if "write_s" not in report and timing.is_file():
+        report["write_s"] = float(timing.read_text())
     files = [p for p in folder.iterdir() if p.is_file()]
     report["folder_gb"] = sum(p.stat().st_size for p in files) / 1e9
     report["weight_files"] = sorted(p.name for p in files if p.suffix in (".bin", ".safetensors"))

@@ -51,6 +51,7 @@ from .cache import StaticKVCache
 from .cfg import pair_rows
 from .loop import RunResult, Sampler, _Boundary, inject, prefill, run, select_token
 from .protocol import HookRunner, NoHooks, Rebuild, Rollback
+from .sampling import race, row_key_hash, row_uniforms_from, vocab_hash
 from .state import StepState
 
 __all__ = ["EagerStepWarning", "FastLoop", "FastOptions", "fuse_projections"]
@@ -221,6 +222,26 @@ def _commit(state: StepState, before: list[tuple[dict, Any, torch.Tensor]], prob
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The row RNG with its step-independent hashes computed once per run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _RowDraw:
+    """``sample_row_rng`` with the key and vocabulary hashes kept in buffers: the same numbers, fewer kernels a step."""
+
+    def __init__(self, state: StepState, vocab_size: int) -> None:
+        self.key_hash = row_key_hash(state.rng_keys)  # [P, 1]
+        self.vocab_hashes = vocab_hash(vocab_size, state.rng_keys.device)  # [1, V]
+
+    def refresh(self, state: StepState) -> None:
+        """After eager work that may have changed the keys (a rollback's stream)."""
+        self.key_hash.copy_(row_key_hash(state.rng_keys))
+
+    def __call__(self, probs: torch.Tensor, state: StepState) -> torch.Tensor:
+        return race(probs, row_uniforms_from(self.key_hash, state.step_t, self.vocab_hashes))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # One run's fast step
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -247,9 +268,20 @@ class _Stepper:
         self.captured: dict[tuple[str, int], Any] = {}
         self.warm = False
         self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0}
+        self.row_draw = None
+        if sampler.rng == "row" and not sampler.greedy and sampler.row_draw is None:
+            self.row_draw = _RowDraw(state, adapter.image_vocab_size)
+            self.sampler = dataclasses.replace(sampler, row_draw=self.row_draw)
         if layer_weights is not None:
+            # cos/sin of every position a run can reach (positions < slots ≤ max_len), rows looked up per step
             half = adapter.head_dim // 2
-            self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=adapter.dtype)
+            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=adapter.dtype)
+            positions = torch.arange(2 * cache.max_len, device=device)[None]  # [1, 2L]
+            probe = torch.zeros(1, 1, adapter.hidden_size, dtype=adapter.dtype, device=device)
+            cos, sin = adapter.rotary(probe, positions)  # [1, 2L, D]
+            self.cos_table, self.sin_table = cos[0], sin[0] * sign  # rotate_half(x)·sin = flip(x)·(sign·sin)
+            norm = getattr(getattr(adapter, "lm", None), "norm", None)
+            self.final_norm = (norm.weight, float(norm.variance_epsilon)) if hasattr(norm, "variance_epsilon") else None
         if self.attention == "flash":
             b = self.rows
             nkv, length = adapter.num_kv_heads, cache.max_len
@@ -269,6 +301,8 @@ class _Stepper:
             self.slot.copy_(torch.tensor(fills, dtype=torch.long))
         self.tok.copy_(tokens)
         state.step_t.fill_(t)
+        if self.row_draw is not None:
+            self.row_draw.refresh(state)
         if self.attention == "flash" and not self._all_visible():
             _say_once("fast path: filled cache slots are masked for some rows (left padding or a masked injection); "
                       "attention uses the masked sdpa kernel instead of flash")
@@ -378,7 +412,11 @@ class _Stepper:
             hooks.hidden_states(state, captured)
         self.pos.add_(1)
         self.slot.add_(1)
-        logits = adapter.head(adapter.final_norm(h), "image")  # [B, V]
+        if self.weights is not None and self.final_norm is not None:
+            h = _rms_norm(h, *self.final_norm)
+        else:
+            h = adapter.final_norm(h)
+        logits = adapter.head(h, "image")  # [B, V]
         tokens = select_token(state, hooks, logits, self.sampler)  # [P]
         self.tok.copy_(tokens)
         state.step_t.add_(1)
@@ -424,8 +462,8 @@ class _Stepper:
         b, d = self.rows, adapter.head_dim
         nkv = adapter.num_kv_heads
         h = embeds  # [B, H]
-        cos, sin = adapter.rotary(h[:, None], self.pos[:, None])  # [B, 1, D] each
-        sin = sin * self.sign  # rotate_half(x)·sin = flip(x)·(sign·sin)
+        cos = self.cos_table.index_select(0, self.pos)[:, None]  # [B, 1, D]
+        sin = self.sin_table.index_select(0, self.pos)[:, None]
         flash = self.attention == "flash"
         masks = None if flash else self._masks(length, h.dtype)
         used = self._used_keys() if flash else None

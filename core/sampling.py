@@ -42,21 +42,39 @@ def row_uniforms(keys: torch.Tensor, step: torch.Tensor, vocab_size: int) -> tor
 
     Pure function of its inputs: the same (seed, image, stream, step, vocab index) always gives the same number.
     """
+    return row_uniforms_from(row_key_hash(keys), step, vocab_hash(vocab_size, keys.device))
+
+
+def row_key_hash(keys: torch.Tensor) -> torch.Tensor:
+    """The step-independent part of :func:`row_uniforms`: a hash ``[R, 1]`` of (seed, image index, stream)."""
     seed, image, stream = keys[:, 0:1], keys[:, 1:2], keys[:, 2:3]  # [R, 1] each
     h = _hash32(seed & _MASK32)
     h = _hash32(h ^ ((seed >> 32) & _MASK32))
     h = _hash32(h ^ (image & _MASK32))
-    h = _hash32(h ^ (stream & _MASK32))
-    h = _hash32(h ^ (step.to(torch.int64) & _MASK32))  # [R, 1]
-    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64).view(1, -1)  # [1, V]
-    bits = _hash32(h ^ _hash32(vocab + 0x9E3779B))  # [R, V]
+    return _hash32(h ^ (stream & _MASK32))
+
+
+def vocab_hash(vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """The step-independent hash ``[1, V]`` of each vocabulary index."""
+    vocab = torch.arange(vocab_size, device=device, dtype=torch.int64).view(1, -1)  # [1, V]
+    return _hash32(vocab + 0x9E3779B)
+
+
+def row_uniforms_from(key_hash: torch.Tensor, step: torch.Tensor, vocab_hashes: torch.Tensor) -> torch.Tensor:
+    """:func:`row_uniforms` from its precomputed parts (a decode step that replays needs only this)."""
+    h = _hash32(key_hash ^ (step.to(torch.int64) & _MASK32))  # [R, 1]
+    bits = _hash32(h ^ vocab_hashes)  # [R, V]
     return ((bits >> 8).to(torch.float64) + 0.5).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def race(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The exponential race ``argmax(p / E)``, ``E = -log(U)``: a multinomial draw per row ``[R, V]`` → ``[R]``."""
+    return torch.argmax(probs / -torch.log(uniforms), dim=-1)
 
 
 def sample_row_rng(probs: torch.Tensor, keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Exponential race over fp32 probabilities ``[R, V]`` → ``[R]`` token ids; zero-probability tokens never win."""
-    exp = -torch.log(row_uniforms(keys, step, probs.shape[-1]))  # [R, V], > 0
-    return torch.argmax(probs / exp, dim=-1)
+    return race(probs, row_uniforms(keys, step, probs.shape[-1]))
 
 
 def sample_torch(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
