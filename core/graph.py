@@ -262,6 +262,11 @@ class _Stepper:
         self.slot = torch.zeros(adapter.num_layers, dtype=torch.long, device=device)  # [N] slot each layer writes
         self.slot_ids = torch.arange(cache.max_len, device=device)  # [L]
         self.attention = options.attention
+        # slots each layer holds (a cache may allocate layers after a pruning layer shorter)
+        self.capacity = list(getattr(cache, "capacity", [cache.max_len] * adapter.num_layers))
+        if self.attention == "flash" and min(self.capacity) < cache.max_len:
+            _say_once("fast path: layers with a shorter cache; attention uses the masked sdpa kernel instead of flash")
+            self.attention = "sdpa"
         self.dirty = True  # host state is newer than the buffers
         self.stream = torch.cuda.Stream(device=device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
@@ -332,8 +337,8 @@ class _Stepper:
         state, cache = self.state, self.state.cache
         if self.dirty:
             self.load(t, tokens)
-        if max(cache.fill) + 1 > cache.max_len:
-            raise RuntimeError(f"KV cache overflow: {max(cache.fill)} + 1 slots > {cache.max_len} allocated "
+        if any(f + 1 > c for f, c in zip(cache.fill, self.capacity)):
+            raise RuntimeError(f"KV cache overflow: {max(cache.fill)} + 1 slots > {min(self.capacity)} allocated "
                                "(a strategy grew the cache more than it declared in `kv_growth`)")
         length = self.read_len()
         key = (self.attention, length)
@@ -421,16 +426,19 @@ class _Stepper:
         self.tok.copy_(tokens)
         state.step_t.add_(1)
 
-    def _masks(self, length: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-        """Per cache group, the additive ``[B, 1, 1, R]`` mask of the written, visible slots."""
+    def _masks(self, length: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per layer, the additive ``[B, 1, 1, R]`` mask of the written, visible slots (one tensor per cache group
+        and read length: R is the bucket, or the layer's capacity if shorter)."""
         cache = self.state.cache
-        masks: dict[int, torch.Tensor] = {}
+        made: dict[tuple[int, int], torch.Tensor] = {}
+        masks = []
         for layer, group in enumerate(cache.group):
-            if group in masks:
-                continue
-            visible = cache.valid[layer, :, :length] & (self.slot_ids[:length] <= self.slot[layer])  # [B, R]
-            mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-            masks[group] = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+            read = min(length, self.capacity[layer])
+            if (group, read) not in made:
+                visible = cache.valid[layer, :, :read] & (self.slot_ids[:read] <= self.slot[layer])  # [B, R]
+                mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+                made[group, read] = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+            masks.append(made[group, read])
         return masks
 
     def _used_keys(self) -> dict[int, torch.Tensor]:
@@ -452,7 +460,7 @@ class _Stepper:
         for index, layer in enumerate(adapter.layers):
             if index in wanted:
                 captured[index] = h[:, -1]
-            h = layer(h, masks[cache.group[index]], positions, view, True, cos_sin)
+            h = layer(h, masks[index], positions, view, True, cos_sin)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h[:, -1]
         return h[:, -1]
@@ -488,7 +496,7 @@ class _Stepper:
             else:
                 query = q.reshape(b, nkv, nq // nkv, d)  # one query token: GQA's shared heads as query rows
                 out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
-                                                     attn_mask=masks[group], scale=w.scaling)
+                                                     attn_mask=masks[index], scale=w.scaling)
                 out = out.reshape(b, nq * d)
             h = torch.addmm(h, out, w.o.t())
             x = _rms_norm(h, w.ln2, w.eps2)

@@ -16,7 +16,7 @@ import janus_decoding
 from janus_decoding.core import graph as graph_module
 from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
 from janus_decoding.core.loop import Sampler, run
-from janus_decoding.core.protocol import KVAppend, Rollback
+from janus_decoding.core.protocol import KVAppend, LayerKeep, Rollback
 from janus_decoding.core.runs import ImageRequest, run_images
 from janus_decoding.models.tiny import write_tiny_checkpoint
 from janus_decoding.plugins.decoder import Decoder, StrategyOutputError
@@ -124,6 +124,24 @@ class _InjectAt5(Strategy):
         return [KVAppend(ids=ids, rows=rows)]
 
 
+class _PrunePrompt(Strategy):
+    """Entering layer 2 of the prefill, keep all but 5 prompt positions; layers >= 2 are allocated 5 slots shorter."""
+
+    name = "test_prune_prompt"
+    hooks = ("layer",)
+
+    def kv_layer_reduction(self, state):
+        return {2: 5}
+
+    def layer_points(self, state):
+        return [2]
+
+    def layer(self, state, layer, hidden):
+        b, t = hidden.shape[:2]
+        kept = torch.arange(5, t, device=hidden.device)[None].expand(b, -1)  # [B, T - 5]
+        return LayerKeep(kept)
+
+
 class _NaNAt9(Strategy):
     """Post-CFG: NaN logits for image 0 at step 9 only (read from the device step, so it survives capture)."""
 
@@ -144,7 +162,7 @@ class _Unsafe(Strategy):
         return logits
 
 
-@pytest.mark.parametrize("strategy", [_RollbackOnce, _InjectAt5], ids=["rollback", "inject"])
+@pytest.mark.parametrize("strategy", [_RollbackOnce, _InjectAt5, _PrunePrompt], ids=["rollback", "inject", "prune"])
 def test_host_hooks_run_eagerly_between_fast_steps(model, strategy):
     decoder = Decoder([strategy()])
     loop = FastLoop(FastOptions(graphs=False, bucket=4))
