@@ -218,11 +218,21 @@ def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperat
 @click.option("--greedy", is_flag=True, help="Argmax of the final logits.")
 @click.option("--rng", type=click.Choice(["row", "torch"]), default="row", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the job in --out (its settings must match).")
+@click.option("--deterministic", is_flag=True,
+              help="torch.use_deterministic_algorithms (warn-only) and a fixed cuBLAS workspace: runs repeat exactly.")
 @_fail_cleanly
 def batch(prompts_file, out_dir, model, device, dtype, decoder_spec, decoder_file, n, micro_batch, cfg,
-          negative_prompt, temperature, seed, greedy, rng, resume) -> None:
+          negative_prompt, temperature, seed, greedy, rng, resume, deterministic) -> None:
     """Generate images for every prompt of a JSON / JSONL file; resumable, several processes under accelerate."""
     from . import batch as job
+
+    if deterministic:
+        import os
+
+        import torch
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     if negative_prompt is not None and not negative_prompt.strip():
         raise click.BadParameter("is empty", param_hint="--negative-prompt")

@@ -84,11 +84,12 @@ def _sampler(greedy: bool, rng: str, seed: int, device: torch.device) -> Sampler
 def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str], *, n: int = 1,
                     cfg: float | None = None, seed: int | Sequence[int] = 0, micro_batch: int | None = None,
                     greedy: bool = False, rng: str = "row", negative_prompt: str | None = None,
-                    progress: Callable[[int], None] | None = None) -> ImageResult:
+                    progress: Callable[[int], None] | None = None, fast: bool | None = None) -> ImageResult:
     """Generate ``n`` images per prompt. ``seed``: a base (prompt i gets ``seed + i``) or one seed per prompt.
 
     ``micro_batch`` (images per forward batch) bounds memory; with ``rng="row"`` and a decoder that does not
-    couple rows, results are identical to one big batch.
+    couple rows, results are identical to one big batch. ``fast`` (default: on for CUDA models) runs the one-token
+    steps as replayed CUDA graphs (``core/graph.py``); steps a strategy cannot capture run eagerly.
     """
     texts = _prompts(prompts)
     n = _check_int("n", n, 1)
@@ -105,7 +106,8 @@ def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str]
         for lo in range(0, len(requests), micro):
             chunk = requests[lo: lo + micro]
             sampler = _sampler(greedy, rng, chunk[0].seed, model.device)
-            result = run_images(model, run_decoder, chunk, cfg=cfg_config, sampler=sampler, progress=progress)
+            result = run_images(model, run_decoder, chunk, cfg=cfg_config, sampler=sampler, progress=progress,
+                                loop=_image_loop(model, fast))
             decoder.raise_on_bad_boundaries(result.state)
             _raise_on_flags(result.flags, chunk)
             token_rows.append(result.tokens)
@@ -121,6 +123,19 @@ def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str]
             pictures += to_pil(model.decode_image_tokens(tokens.view(len(requests), -1)[lo: lo + micro]))
     images = [pictures[i * n:(i + 1) * n] for i in range(len(texts))]
     return ImageResult(texts, seeds, tokens.cpu(), images, trace, intermediates, time.perf_counter() - start)
+
+
+def _image_loop(model: Any, fast: bool | None):
+    """The outer loop for image runs: the graph fast path on CUDA (unless ``fast=False``), else the eager loop."""
+    if fast is None:
+        fast = model.device.type == "cuda"
+    if not fast:
+        from janus_decoding.core.loop import run
+
+        return run
+    from janus_decoding.core.graph import FastLoop
+
+    return FastLoop()
 
 
 def _raise_on_flags(flags: torch.Tensor, chunk: Sequence[ImageRequest] | Sequence[str]) -> None:
