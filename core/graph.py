@@ -49,7 +49,7 @@ from torch import nn
 
 from .cache import StaticKVCache
 from .cfg import pair_rows
-from .loop import RunResult, Sampler, _Boundary, inject, prefill, run, select_token
+from .loop import RunResult, Sampler, _Boundary, inject, prefill, roll_back, run, select_token
 from .protocol import HookRunner, NoHooks, Rebuild, Rollback
 from .sampling import race, row_key_hash, row_uniforms_from, vocab_hash
 from .state import StepState
@@ -601,14 +601,7 @@ class FastLoop:
                 state.step_t.fill_(min(t, state.total_steps - 1))
                 action = hooks.schedule(state)
                 if isinstance(action, Rollback):
-                    target = boundaries[t - action.steps]
-                    state.cache.truncate_to(target.fill)
-                    state.next_positions = target.next_positions.clone()
-                    state.rng_keys[:, 2] = action.stream
-                    state.history_valid[:, state.history_offset + t - action.steps:] = False
-                    t -= action.steps
-                    logits = target.logits
-                    tokens = state.generated[:, t - 1] if t > 0 else None
+                    t, logits, tokens = roll_back(state, boundaries, action, t)
                     stepper.dirty = True
                     continue
                 if isinstance(action, Rebuild):

@@ -201,6 +201,18 @@ class _Silent:
         return []
 
 
+def roll_back(state: StepState, boundaries: dict[int, _Boundary], action: Rollback, t: int):
+    """Return to boundary ``t − steps``: truncate the cache, restore positions, forget the history, switch the RNG
+    stream. Returns the new step, that boundary's logits (set when a prefill produced them) and the token to feed."""
+    target = boundaries[t - action.steps]
+    state.cache.truncate_to(target.fill)
+    state.next_positions = target.next_positions.clone()
+    state.rng_keys[:, 2] = action.stream
+    state.history_valid[:, state.history_offset + t - action.steps:] = False
+    t -= action.steps
+    return t, target.logits, (state.generated[:, t - 1] if t > 0 else None)
+
+
 def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor, sampler: Sampler, *,
         eos_id: int | None = None, pad_id: int = 0, rebuild: Callable[[StepState, Rebuild], tuple] | None = None,
         progress: Callable[[int], None] | None = None) -> RunResult:
@@ -222,14 +234,7 @@ def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.T
         if t in points:
             action = hooks.schedule(state)
             if isinstance(action, Rollback):
-                target = boundaries[t - action.steps]
-                state.cache.truncate_to(target.fill)
-                state.next_positions = target.next_positions.clone()
-                state.rng_keys[:, 2] = action.stream
-                state.history_valid[:, state.history_offset + t - action.steps:] = False
-                t -= action.steps
-                logits = target.logits
-                tokens = state.generated[:, t - 1] if t > 0 else None
+                t, logits, tokens = roll_back(state, boundaries, action, t)
                 continue
             if isinstance(action, Rebuild):
                 if t == state.total_steps:

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ MAX_PROMPT_CHARS = 16_384
 PROMPT_KEYS = ("prompt", "n", "seed", "decoder", "negative_prompt")
 # Environment variables a distributed launcher (torchrun under `accelerate launch`, or mpirun) sets.
 _LAUNCH_ENV = ("LOCAL_RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-_TMP_SUFFIX = ".tmp"
+_TMP_SUFFIX = output.TMP_SUFFIX  # temporary files of interrupted writes, cleaned up on restart
 _EXIT_INTERRUPTED = 130
 
 
@@ -236,16 +235,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    output.write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

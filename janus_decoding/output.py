@@ -9,7 +9,7 @@ import re
 import tempfile
 import unicodedata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 from PIL import Image
 
@@ -50,18 +50,25 @@ def check_writable_dir(path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def write_png(image: Image.Image, path: Path) -> None:
-    """Write to a temporary sibling, then rename: a crash never leaves a half-written picture under the name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+TMP_SUFFIX = ".tmp"
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary sibling, fsync, then rename: a crash never leaves a half-written file under the name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_png(image: Image.Image, path: Path) -> None:
+    write_atomic(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def contact_sheet(images: Sequence[Image.Image], columns: int | None = None, pad: int = 4) -> Image.Image:
