@@ -119,9 +119,13 @@ class Decoder:
 
     # -- HookRunner -------------------------------------------------------------------------------------------
     def _at(self, point: str) -> list[Strategy]:
-        return [s for s in self.strategies if point in s.hooks]
+        cached = self.__dict__.setdefault("_by_point", {})
+        if point not in cached:  # the strategy list is fixed once the decoder is built
+            cached[point] = [s for s in self.strategies if point in s.hooks]
+        return cached[point]
 
     def begin(self, state: StepState) -> None:
+        self._by_point = {}  # rebuilt per run: `strategies` may have been edited since the last one
         state.memory["_boundary_flags"] = {}
         for s in self.strategies:
             s.check_run(state)
@@ -186,15 +190,19 @@ class Decoder:
         flags = state.memory["_boundary_flags"]
         for s in self._at(point):
             out = getattr(s, point)(state, logits)
+            if out is logits:  # handed back unchanged (strategies never write their input): nothing new to check
+                continue
             if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise StrategyOutputError(f"`{s.name}` ({point}) returned {shape}, expected {tuple(logits.shape)}")
-            # One reduction per boundary: a row's max is NaN if it holds a NaN, +inf if it holds +inf and -inf if
-            # it has no finite logit; keep the last such value per row (read once, after the run).
-            top = out.amax(-1)  # [R]
+            # Two kernels per boundary: a row's max is NaN if it holds a NaN, +inf if it holds +inf and -inf if it
+            # has no finite logit, and the running sum of those maxima keeps any such value (read once, after the run).
             key = (s.name, point)
             seen = flags.get(key)
-            flags[key] = torch.where(torch.isfinite(top), torch.zeros_like(top) if seen is None else seen, top)
+            if seen is None:
+                flags[key] = out.amax(-1).float()  # [R]
+            else:
+                seen.add_(out.amax(-1).float())
             logits = out
         return logits
 
