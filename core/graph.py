@@ -49,8 +49,8 @@ from torch import nn
 
 from .cache import StaticKVCache
 from .cfg import pair_rows
-from .loop import RunResult, Sampler, _Boundary, inject, prefill, roll_back, run, select_token
-from .protocol import HookRunner, NoHooks, Rebuild, Rollback
+from .loop import RunResult, Sampler, _Boundary, apply_schedule, inject, prefill, run, select_token
+from .protocol import HookRunner, NoHooks, Rebuild
 from .sampling import race, row_key_hash, row_uniforms_from, vocab_hash
 from .state import StepState
 
@@ -334,7 +334,7 @@ class _Stepper:
 
     def step(self, t: int, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step through the fast body (replayed, captured or run); returns the tokens buffer."""
-        state, cache = self.state, self.state.cache
+        cache = self.state.cache
         if self.dirty:
             self.load(t, tokens)
         if any(f + 1 > c for f, c in zip(cache.fill, self.capacity)):
@@ -599,18 +599,11 @@ class FastLoop:
             state.step = t
             if t in points:
                 state.step_t.fill_(min(t, state.total_steps - 1))
-                action = hooks.schedule(state)
-                if isinstance(action, Rollback):
-                    t, logits, tokens = roll_back(state, boundaries, action, t)
+                t, logits, tokens, acted = apply_schedule(state, hooks, boundaries, rebuild, t, logits, tokens)
+                if acted is not None:
                     stepper.dirty = True
+                if acted == "rollback":
                     continue
-                if isinstance(action, Rebuild):
-                    if t == state.total_steps:
-                        raise ValueError("schedule: a Rebuild after the last step has nothing left to generate")
-                    batch, embeds = rebuild(state, action)
-                    state.cache.reset()
-                    logits = prefill(state, hooks, batch, embeds)
-                    stepper.dirty = True
             if t == state.total_steps:
                 state.step = t - 1  # as after the last step
                 break

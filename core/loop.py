@@ -213,6 +213,24 @@ def roll_back(state: StepState, boundaries: dict[int, _Boundary], action: Rollba
     return t, target.logits, (state.generated[:, t - 1] if t > 0 else None)
 
 
+def apply_schedule(state: StepState, hooks: HookRunner, boundaries: dict[int, _Boundary],
+                   rebuild: Callable[[StepState, Rebuild], tuple] | None, t: int, logits, tokens):
+    """Ask the schedule hooks at boundary ``t`` and carry out what they return (a rollback or a rebuilt prefill).
+
+    Returns ``(t, logits, tokens, acted)`` with ``acted`` one of ``"rollback"``, ``"rebuild"`` or ``None``.
+    """
+    action = hooks.schedule(state)
+    if isinstance(action, Rollback):
+        return (*roll_back(state, boundaries, action, t), "rollback")
+    if isinstance(action, Rebuild):
+        if t == state.total_steps:
+            raise ValueError("schedule: a Rebuild after the last step has nothing left to generate")
+        batch, embeds = rebuild(state, action)
+        state.cache.reset()
+        return t, prefill(state, hooks, batch, embeds), tokens, "rebuild"
+    return t, logits, tokens, None
+
+
 def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor, sampler: Sampler, *,
         eos_id: int | None = None, pad_id: int = 0, rebuild: Callable[[StepState, Rebuild], tuple] | None = None,
         progress: Callable[[int], None] | None = None) -> RunResult:
@@ -232,16 +250,9 @@ def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.T
         if t < state.total_steps:
             state.step_t.fill_(t)
         if t in points:
-            action = hooks.schedule(state)
-            if isinstance(action, Rollback):
-                t, logits, tokens = roll_back(state, boundaries, action, t)
+            t, logits, tokens, acted = apply_schedule(state, hooks, boundaries, rebuild, t, logits, tokens)
+            if acted == "rollback":
                 continue
-            if isinstance(action, Rebuild):
-                if t == state.total_steps:
-                    raise ValueError("schedule: a Rebuild after the last step has nothing left to generate")
-                batch, embeds = rebuild(state, action)
-                state.cache.reset()
-                logits = prefill(state, hooks, batch, embeds)
         if t == state.total_steps:
             state.step = t - 1  # as after the last step
             break
