@@ -179,6 +179,7 @@ CASES: list[Case] = [
     ("image-truncated", _understand(_truncated), "image.png: not a readable image"),
     ("image-not-an-image", _understand(lambda p: (p.write_text("hello"), p)[1]), "image.png: not a readable image"),
     ("image-bomb", _understand(_bomb), "decompression bomb"),
+    ("image-1x1", _understand(lambda p: (Image.new("RGB", (1, 1)).save(p), p)[1]), "image 1 is 1×1 pixels"),
     ("image-missing", _understand(lambda p: p), "image.png: no such file"),
     # checkpoints
     ("ckpt-missing-shard", _model("missing_shard"), "model-00002-of-00002.safetensors"),
