@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .report import emit
+
 SUMMARY = re.compile(r"(\d+) prompt\(s\) done.*?(\d+) images in ([0-9.]+)s")
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
 THINGS = ["cube", "sphere", "cat", "dog", "car", "tree", "house", "boat", "bird", "chair", "lamp", "horse"]
@@ -119,10 +121,7 @@ def main() -> None:
         result["transformers"] = transformers.__version__
     except ImportError:
         pass
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

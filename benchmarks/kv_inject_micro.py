@@ -11,7 +11,6 @@ for every row) and one ``decode_step`` are timed alternately, CUDA events on CUD
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from janus_decoding.core.protocol import KVAppend, NoHooks
 from janus_decoding.core.runs import _image_prompt_rows, _new_state
 
 from .generate import build_model
+from .report import emit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPT = "a red cube on a blue sphere, studio light"
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(1)
     model = build_model(args.shape, device, DTYPES[args.dtype])
     steps = model.image_grid[0] * model.image_grid[1]
-    hooks = _Room(args.control_tokens * (args.runs + 2))
+    hooks = _Room((args.control_tokens + 1) * (args.runs + 2))  # each round: one injection and one decode step
     prompts = [PROMPT] * args.parallel
     batch = _image_prompt_rows(model, prompts, [None] * args.parallel, "interleaved")
     timed = _timer(device)
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_eager_decode_step": statistics.median(steps_s) * 1000,
     }
     result["injection_over_step"] = result["ms_per_injection"] / result["ms_per_eager_decode_step"]
-    text = json.dumps(result, indent=2)
-    if args.out:
-        open(args.out, "w").write(text + "\n")
-    print(text)
+    emit(result, args.out)
     return result
 
 

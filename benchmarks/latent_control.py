@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import statistics
 import tempfile
@@ -40,6 +39,7 @@ from janus_decoding.strategies.latent_control import LatentControl
 from janus_decoding.strategies.latent_control_modules import LatentControlModules, save_modules
 
 from .generate import build_model
+from .report import emit
 
 PROMPT = "A close-up photo of a red fox sitting in fresh snow, golden hour light"
 NEVER = dict(tau_entropy=1e9, tau_drop=1e9, tau_sim=-1.0)
@@ -111,10 +111,7 @@ def main() -> None:
         "ms_per_injection_learned": (seconds["inject_learned"] - seconds["watch"]) / max(inj, 1) * 1000,
         "ratio_watch": seconds["watch"] / seconds["none"],
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

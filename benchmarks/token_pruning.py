@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import statistics
 import sys
@@ -36,6 +35,8 @@ from janus_decoding.core.loop import Sampler
 from janus_decoding.core.runs import run_text
 from janus_decoding.plugins.decoder import Decoder
 from janus_decoding.strategies.token_pruning_math import flops_saved, keep_count, prefill_flops
+
+from .report import emit
 
 FASTV_REPORTED = "FastV README: about 45% theoretical FLOPs reduction at K=2, R=50% (LLaVA-1.5)"
 _WORD = " picture"
@@ -193,11 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         "counted_at_full_shapes": {s: _counted(s, n, adapter.tokens_per_image, args.layer, args.ratios)
                                    for s in ("1b", "7b")},
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -22,7 +22,6 @@ Prints one JSON object (also written to ``--out`` when given).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -39,6 +38,7 @@ from janus_decoding.strategies import twig_math
 from janus_decoding.strategies.twig import StageAsk, TwiG
 
 from .generate import build_model
+from .report import emit
 
 PROMPT = "a red cube on a blue sphere"
 FILLER_WORD = " red"  # guidance text: this word repeated, clipped by the strategy to the think length
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 
