@@ -1,4 +1,5 @@
-"""The fast path of image generation: the decode step with fixed shapes, captured as CUDA graphs and replayed.
+"""The fast path of generation (image and text modes): the decode step with fixed shapes, captured as CUDA graphs
+and replayed.
 
 :class:`FastLoop` has the signature of :func:`core.loop.run` (pass it as ``run_images(..., loop=FastLoop())``). The
 prefill, the first token and every host-side decision (schedule hooks, KV injection) run eagerly, as in ``run``;
@@ -6,6 +7,10 @@ the one-token steps between them run as one captured step each:
 
     re-embed the last tokens → forward one token (write K/V at device slots, read only the filled length) →
     ``hidden_states`` hooks → head → ``pre_logits`` hooks → guidance → ``post_cfg`` hooks → sample → record
+
+Text mode is the same step with the text embeddings and ``lm_head``, no guidance, and the eager loop's EOS
+bookkeeping (finished rows get pad ids) done on the device; the host looks at the finished flags once every
+``EOS_CHECK_EVERY`` steps, as the eager loop does.
 
 Everything that changes from step to step is a device tensor advanced inside the graph: the step (``state.step_t``),
 the position ids, the cache slot each layer writes, the last tokens. A replay therefore needs no host work, and the
@@ -24,8 +29,8 @@ The layers run as transformers' modules (``layers="transformers"``) or as the sa
 (``layers="fused"``: one GEMM for q/k/v and one for gate/up, over weights concatenated once and shared with the
 modules, which keep views of them; the residual adds fused into the output GEMMs).
 
-What cannot be captured runs eagerly, and the loop says so once per reason (an :class:`EagerStepWarning`): text
-mode; a strategy with ``graph_safe = False`` (the whole run); a ``schedule`` hook (its boundaries); a ``kv_inject``
+What cannot be captured runs eagerly, and the loop says so once per reason (an :class:`EagerStepWarning`): a
+strategy with ``graph_safe = False`` (the whole run); a ``schedule`` hook (its boundaries); a ``kv_inject``
 action (that step's injection). Hooks run their Python once, at capture: graph-safe strategies keep per-run state in
 device tensors updated in place. A step that *replaces* a tensor in ``state.memory`` (``memory[k] = f(memory[k])``)
 or ``state.last_probs`` is committed back into the original tensor at the end of the captured step, so the next
@@ -49,7 +54,8 @@ from torch import nn
 
 from .cache import StaticKVCache
 from .cfg import pair_rows
-from .loop import RunResult, Sampler, _Boundary, apply_schedule, inject, prefill, run, select_token
+from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
+                   select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
 from .sampling import race, row_key_hash, row_uniforms_from, vocab_hash
 from .state import StepState
@@ -241,6 +247,23 @@ class _RowDraw:
         return race(probs, row_uniforms_from(self.key_hash, state.step_t, self.vocab_hashes))
 
 
+@dataclass
+class _TextEnd:
+    """Text mode's end-of-sequence bookkeeping, in device buffers the captured step updates in place."""
+
+    finished: torch.Tensor  # [P] bool
+    lengths: torch.Tensor  # [P] tokens generated per row
+    eos_id: int | None
+    pad_id: int
+
+    def finish(self, state: StepState, tokens: torch.Tensor) -> torch.Tensor:
+        return finish_text(state, tokens, self.finished, self.lengths, self.eos_id, self.pad_id)
+
+    def all_done(self, t: int) -> bool:
+        """Every row has finished (a host sync, asked every ``EOS_CHECK_EVERY`` steps as the eager loop does)."""
+        return self.eos_id is not None and (t + 1) % EOS_CHECK_EVERY == 0 and bool(self.finished.all())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One run's fast step
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,8 +273,9 @@ class _Stepper:
     """Static buffers, the step body and its graphs for one run."""
 
     def __init__(self, options: FastOptions, state: StepState, hooks: HookRunner, sampler: Sampler, graphs: bool,
-                 layer_weights: list[_LayerWeights] | None) -> None:
+                 layer_weights: list[_LayerWeights] | None, text: "_TextEnd | None" = None) -> None:
         self.options, self.state, self.hooks, self.sampler = options, state, hooks, sampler
+        self.text = text
         self.graphs = graphs
         self.weights = layer_weights
         adapter, cache = state.adapter, state.cache
@@ -275,7 +299,8 @@ class _Stepper:
         self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0}
         self.row_draw = None
         if sampler.rng == "row" and not sampler.greedy and sampler.row_draw is None:
-            self.row_draw = _RowDraw(state, adapter.image_vocab_size)
+            vocab = adapter.image_vocab_size if state.mode == "image" else adapter.vocab_size
+            self.row_draw = _RowDraw(state, vocab)
             self.sampler = dataclasses.replace(sampler, row_draw=self.row_draw)
         if layer_weights is not None:
             # cos/sin of every position a run can reach (positions < slots ≤ max_len), rows looked up per step
@@ -402,8 +427,10 @@ class _Stepper:
     def _body(self, length: int) -> None:
         """Tokens ``self.tok`` → the next tokens, in place; advances the position, slot and step buffers."""
         state, hooks, adapter, cache = self.state, self.hooks, self.state.adapter, self.state.cache
-        ids = pair_rows(self.tok, state.layout)  # [B]
-        embeds = adapter.embed_image_tokens(ids)  # [B, H]
+        if state.mode == "image":
+            embeds = adapter.embed_image_tokens(pair_rows(self.tok, state.layout))  # [B, H]
+        else:
+            embeds = adapter.embed_text(self.tok[:, None])[:, 0]
         n = adapter.num_layers
         index = self.slot.view(n, 1, 1).expand(n, self.rows, 1)  # [N, B, 1]
         cache.valid.scatter_(2, index, True)  # the slots written now are visible to every row
@@ -421,8 +448,10 @@ class _Stepper:
             h = _rms_norm(h, *self.final_norm)
         else:
             h = adapter.final_norm(h)
-        logits = adapter.head(h, "image")  # [B, V]
+        logits = adapter.head(h, state.mode)  # [B, V]
         tokens = select_token(state, hooks, logits, self.sampler)  # [P]
+        if self.text is not None:
+            tokens = self.text.finish(state, tokens)
         self.tok.copy_(tokens)
         state.step_t.add_(1)
 
@@ -539,8 +568,6 @@ class FastLoop:
 
     def eager_reason(self, state: StepState, hooks: HookRunner, sampler: Sampler) -> str | None:
         """Why a whole run must go through the eager loop, or None."""
-        if state.mode != "image":
-            return "fast path: text mode runs eagerly (the graph path covers image generation)"
         strategies = getattr(hooks, "strategies", None)
         if strategies is None and not isinstance(hooks, NoHooks):
             return f"fast path: hooks of type {type(hooks).__name__} declare no graph safety; the run goes eagerly"
@@ -579,12 +606,18 @@ class FastLoop:
             _say_once("fast path: flash attention needs CUDA and the fused layers; using sdpa")
             attention = "sdpa"
         options = dataclasses.replace(self.options, attention=attention)
-        return self._run(state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress)
+        return self._run(state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
+                         pad_id)
 
-    def _run(self, state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress) -> RunResult:
-        """``core.loop.run`` for image mode, with the one-token steps going through the fast body."""
+    def _run(self, state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
+             pad_id) -> RunResult:
+        """``core.loop.run`` with the one-token steps going through the fast body."""
         hooks.begin(state)
         device = embeds.device
+        text = None
+        if state.mode == "text":
+            text = _TextEnd(torch.zeros(state.num_pairs, dtype=torch.bool, device=device),
+                            torch.zeros(state.num_pairs, dtype=torch.long, device=device), eos_id, pad_id)
         state.memory["_flags"] = torch.zeros(state.num_pairs, dtype=torch.bool, device=device)
         state.memory["_prompt_layers"] = set(hooks.prompt_layers(state))
         logits: torch.Tensor | None = prefill(state, hooks, batch, embeds)
@@ -592,7 +625,7 @@ class FastLoop:
         if points:
             _say_once("fast path: schedule hooks run eagerly at their step boundaries; the steps between replay")
         boundaries: dict[int, _Boundary | None] = {}
-        stepper = _Stepper(options, state, hooks, sampler, graphs, weights)
+        stepper = _Stepper(options, state, hooks, sampler, graphs, weights, text)
         tokens: torch.Tensor | None = None
         t = 0
         while True:  # t == total_steps is visited once more, for a schedule hook after the last token
@@ -622,15 +655,22 @@ class FastLoop:
             else:
                 state.step_t.fill_(t)
                 tokens = select_token(state, hooks, logits, sampler)
+                if text is not None:
+                    tokens = text.finish(state, tokens)
                 stepper.dirty = True
                 stepper.stats["eager_steps"] += 1
             logits = None
             if progress is not None:
                 progress(1)
+            if text is not None and text.all_done(t):
+                break
             t += 1
         state.next_positions = state.next_positions.clone()  # detach from the step's buffer
-        state.step_t.fill_(state.total_steps - 1)
-        lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
+        state.step_t.fill_(min(t, state.total_steps - 1))
+        if text is not None:
+            lengths = text.lengths
+        else:
+            lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
         hooks.end(state)
         self.stats = {**stepper.stats, "attention": stepper.attention, "layers": "fused" if weights else "transformers",
                       "graphs": graphs, "read_lens": sorted({k[1] for k in stepper.captured})}

@@ -157,6 +157,18 @@ def record(state: StepState, tokens: torch.Tensor) -> None:
     state.history_valid.index_fill_(1, history_column, True)
 
 
+def finish_text(state: StepState, tokens: torch.Tensor, finished: torch.Tensor, lengths: torch.Tensor,
+                eos_id: int | None, pad_id: int) -> torch.Tensor:
+    """Text mode after sampling, on the device: rows that already finished get ``pad_id`` (recorded in place of
+    their sample), ``lengths`` counts the rows still going, and an EOS finishes its row. Returns the ids ``[P]``."""
+    tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+    record(state, tokens)
+    lengths += (~finished).long()
+    if eos_id is not None:
+        finished |= tokens == eos_id
+    return tokens
+
+
 def embed_next(state: StepState, tokens: torch.Tensor) -> torch.Tensor:
     """Sampled ids ``[P]`` → next input embeddings ``[B, 1, H]`` (both rows of a pair get the same token)."""
     if state.mode == "image":
@@ -263,14 +275,9 @@ def run(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.T
         tokens = select_token(state, hooks, logits, sampler)
         logits = None
         if state.mode == "text":
-            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-            state.generated[:, t] = tokens
-            state.history[:, state.history_offset + t] = tokens  # finished rows continue with pad ids
-            lengths += (~finished).long()
-            if eos_id is not None:
-                finished |= tokens == eos_id
-                if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
-                    break
+            tokens = finish_text(state, tokens, finished, lengths, eos_id, pad_id)
+            if eos_id is not None and (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
         if progress is not None:
             progress(1)
         t += 1

@@ -80,9 +80,9 @@ def run_images(adapter: ModelAdapter, hooks: HookRunner, requests: Sequence[Imag
 def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampler: Sampler, seeds: Sequence[int], pixel_values: Sequence[torch.Tensor | None] | None = None,
              prompts: Sequence[str] = (), progress: Callable[[int], None] | None = None,
-             eos_id: int | None = -1) -> RunResult:
+             eos_id: int | None = -1, loop: Callable[..., RunResult] = run) -> RunResult:
     """Generate up to ``max_new_tokens`` per prompt (stopping at EOS: the tokenizer's unless ``eos_id`` is given,
-    ``None`` = never stop early); image features fill placeholder slots."""
+    ``None`` = never stop early); image features fill placeholder slots. ``loop``: as in :func:`run_images`."""
     batch = left_pad(prompt_ids, adapter.pad_id, adapter.device)
     embeds = adapter.embed_text(batch.ids)
     image_mask = None
@@ -102,8 +102,8 @@ def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequ
                        indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch,
                        image_token_mask=image_mask)
     state.pixel_values = list(pixel_values) if pixel_values is not None else None
-    return run(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id, pad_id=adapter.pad_id,
-               progress=progress)
+    return loop(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id,
+                pad_id=adapter.pad_id, progress=progress)
 
 
 def answer_text(adapter: ModelAdapter, images: Sequence[Any] | None, question: str, *, max_new_tokens: int = 64,

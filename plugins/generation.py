@@ -107,7 +107,7 @@ def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str]
             chunk = requests[lo: lo + micro]
             sampler = _sampler(greedy, rng, chunk[0].seed, model.device)
             result = run_images(model, run_decoder, chunk, cfg=cfg_config, sampler=sampler, progress=progress,
-                                loop=_image_loop(model, fast))
+                                loop=_outer_loop(model, fast))
             decoder.raise_on_bad_boundaries(result.state)
             _raise_on_flags(result.flags, chunk)
             token_rows.append(result.tokens)
@@ -125,8 +125,8 @@ def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str]
     return ImageResult(texts, seeds, tokens.cpu(), images, trace, intermediates, time.perf_counter() - start)
 
 
-def _image_loop(model: Any, fast: bool | None):
-    """The outer loop for image runs: the graph fast path on CUDA (unless ``fast=False``), else the eager loop."""
+def _outer_loop(model: Any, fast: bool | None):
+    """The outer loop of a run: the graph fast path on CUDA (unless ``fast=False``), else the eager loop."""
     if fast is None:
         fast = model.device.type == "cuda"
     if not fast:
@@ -147,7 +147,8 @@ def _raise_on_flags(flags: torch.Tensor, chunk: Sequence[ImageRequest] | Sequenc
 
 
 def _text_run(decoder: "Decoder", model: Any, rows: list[list[int]], pixels, *, max_new_tokens: int, seed: int,
-              greedy: bool, rng: str, stream: Callable[[str], None] | None, prompts: list[str]) -> TextResult:
+              greedy: bool, rng: str, stream: Callable[[str], None] | None, prompts: list[str],
+              fast: bool | None = None) -> TextResult:
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     sampler = _sampler(greedy, rng, seed, model.device)
     start = time.perf_counter()
@@ -155,7 +156,8 @@ def _text_run(decoder: "Decoder", model: Any, rows: list[list[int]], pixels, *, 
     with torch.inference_mode():
         decoder_hooks = _StreamingHooks(decoder, streamer) if streamer is not None else decoder
         result = run_text(model, decoder_hooks, rows, max_new_tokens=max_new_tokens, sampler=sampler,
-                          seeds=[seed] * len(rows), pixel_values=pixels, prompts=prompts)
+                          seeds=[seed] * len(rows), pixel_values=pixels, prompts=prompts,
+                          loop=_outer_loop(model, fast))
         decoder.raise_on_bad_boundaries(result.state)
         _raise_on_flags(result.flags, prompts)
     lengths = result.lengths.tolist()
@@ -196,8 +198,10 @@ class _StreamingHooks:
 
 
 def answer(decoder: "Decoder", model: Any, images: Sequence[Any], question: str, *, max_new_tokens: int = 128,
-           seed: int = 0, greedy: bool = False, rng: str = "row", stream: Callable[[str], None] | None = None) -> TextResult:
-    """Answer ``question`` about ``images`` (PIL images) with this decoder (image understanding, text mode)."""
+           seed: int = 0, greedy: bool = False, rng: str = "row", stream: Callable[[str], None] | None = None,
+           fast: bool | None = None) -> TextResult:
+    """Answer ``question`` about ``images`` (PIL images) with this decoder (image understanding, text mode).
+    ``fast``: as in :func:`generate_images` (streaming runs eagerly: it reads every token on the host)."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
     images = list(images)
@@ -208,14 +212,16 @@ def answer(decoder: "Decoder", model: Any, images: Sequence[Any], question: str,
     rows = [model.understanding_prompt_ids(question, len(images))]
     pixels = [model.preprocess_images(images)]
     return _text_run(decoder, model, rows, pixels, max_new_tokens=max_new_tokens, seed=seed, greedy=greedy,
-                     rng=rng, stream=stream, prompts=[question])
+                     rng=rng, stream=stream, prompts=[question], fast=fast)
 
 
 def chat(decoder: "Decoder", model: Any, prompt: str | Sequence[str], *, max_new_tokens: int = 128, seed: int = 0,
-         greedy: bool = False, rng: str = "row", stream: Callable[[str], None] | None = None) -> TextResult:
-    """Text in, text out (Janus's chat template, or a plain causal LM's own encoding / chat template)."""
+         greedy: bool = False, rng: str = "row", stream: Callable[[str], None] | None = None,
+         fast: bool | None = None) -> TextResult:
+    """Text in, text out (Janus's chat template, or a plain causal LM's own encoding / chat template).
+    ``fast``: as in :func:`answer`."""
     texts = _prompts(prompt)
     decoder.check_mode("text", model, has_image=False)
     rows = [model.chat_prompt_ids(t) for t in texts]
     return _text_run(decoder, model, rows, None, max_new_tokens=max_new_tokens, seed=seed, greedy=greedy, rng=rng,
-                     stream=stream if len(texts) == 1 else None, prompts=texts)
+                     stream=stream if len(texts) == 1 else None, prompts=texts, fast=fast)

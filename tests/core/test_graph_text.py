@@ -1,0 +1,127 @@
+"""The fast path in text mode against the core loop: same tokens, lengths, history and step, with EOS and padding.
+
+On CPU (fp32) the graph-free fast step must equal the eager loop for Janus and a plain causal LM, for rows that
+finish at different steps (EOS) and prompts of different lengths (left padding). On CUDA the captured graphs must
+give the graph-free path's tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import janus_decoding
+from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
+from janus_decoding.core.loop import Sampler, run
+from janus_decoding.core.runs import run_text
+from janus_decoding.models.tiny import write_tiny_checkpoint, write_tiny_llama
+from janus_decoding.plugins.decoder import Decoder
+
+PROMPTS = ["Tell me about foxes in the snow.", "Hi", "What is the capital of a small made-up country?"]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def janus(tmp_path_factory):
+    return janus_decoding.load_model(str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return janus_decoding.load_model(str(write_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama", seed=0)))
+
+
+def _text(model, decoder, loop, *, eos_id, **sampler):
+    if sampler.get("rng") == "torch":
+        sampler["generator"] = torch.Generator(device=model.device).manual_seed(11)
+    rows = [model.chat_prompt_ids(p) for p in PROMPTS]
+    with torch.inference_mode():
+        return run_text(model, decoder, rows, max_new_tokens=NEW_TOKENS, sampler=Sampler(**sampler),
+                        seeds=[3, 4, 5], eos_id=eos_id, loop=loop)
+
+
+def _same(a, b) -> None:
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.state.history, b.state.history)
+    assert torch.equal(a.state.history_valid, b.state.history_valid)
+    assert a.state.cache.fill == b.state.cache.fill
+    assert int(a.state.step_t) == int(b.state.step_t) and a.state.step == b.state.step
+
+
+def _common_token(model, decoder, **sampler) -> int:
+    """A token the first row samples early on: used as EOS so that rows finish at different steps."""
+    free = _text(model, decoder, run, eos_id=None, **sampler)
+    return int(free.tokens[0, 2])
+
+
+SPECS = ["", "repetition_penalty(penalty=1.3) > top_p(top_p=0.8)", "dola(layers=[0, 2])"]
+
+
+@pytest.mark.parametrize("which", ["janus", "llama"])
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("sampler", [{}, {"greedy": True}, {"rng": "torch"}], ids=["row", "greedy", "torch"])
+@pytest.mark.parametrize("options", [FastOptions(graphs=False), FastOptions(graphs=False, bucket=4),
+                                     FastOptions(graphs=False, layers="transformers", bucket=0)],
+                         ids=["fused-b64", "fused-b4", "modules-whole"])
+def test_graph_free_text_equals_core_loop(request, which, spec, sampler, options):
+    model = request.getfixturevalue(which)
+    decoder = Decoder.from_spec(spec)
+    eos = _common_token(model, decoder, **sampler)
+    eager = _text(model, decoder, run, eos_id=eos, **sampler)
+    loop = FastLoop(options)
+    fast = _text(model, decoder, loop, eos_id=eos, **sampler)
+    _same(eager, fast)
+    assert int(eager.lengths[0]) == 3  # row 0 stopped at its EOS: the finished-row logic was exercised
+    assert "eager_run" not in loop.stats and loop.stats["graph_free_steps"] > 0
+
+
+def test_rows_that_never_finish_run_every_step(janus):
+    decoder = Decoder()
+    loop = FastLoop(FastOptions(graphs=False))
+    fast = _text(janus, decoder, loop, eos_id=None)
+    assert fast.lengths.tolist() == [NEW_TOKENS] * len(PROMPTS)
+    assert loop.stats["graph_free_steps"] == NEW_TOKENS - 1  # token 0 comes from the prefill
+    _same(_text(janus, decoder, run, eos_id=None), fast)
+
+
+def test_early_stop_when_every_row_has_finished(janus):
+    decoder = Decoder()
+    free = _text(janus, decoder, run, eos_id=None, greedy=True)
+    # an EOS every row emits: the run must stop at the next EOS check instead of running all steps
+    shared = set(free.tokens[0, :8].tolist()).intersection(*(set(r[:8].tolist()) for r in free.tokens[1:]))
+    if not shared:
+        pytest.skip("no token shared by every row's first 8 tokens at this seed")
+    eos = min(shared)
+    loop = FastLoop(FastOptions(graphs=False))
+    fast = _text(janus, decoder, loop, eos_id=eos, greedy=True)
+    _same(_text(janus, decoder, run, eos_id=eos, greedy=True), fast)
+    assert loop.stats["graph_free_steps"] < NEW_TOKENS - 1
+
+
+def test_chat_takes_fast(janus):
+    decoder = Decoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerStepWarning)
+        plain = decoder.chat(janus, "Hello there", max_new_tokens=8, greedy=True, fast=False)
+        fast = decoder.chat(janus, "Hello there", max_new_tokens=8, greedy=True, fast=True)
+    assert plain.tokens == fast.tokens and len(plain.tokens[0]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", ["", "repetition_penalty(penalty=1.3) > top_p(top_p=0.8)"])
+@pytest.mark.parametrize("sampler", [{}, {"rng": "torch"}], ids=["row", "torch"])
+def test_cuda_graphs_replay_the_graph_free_text_step(tmp_path, spec, sampler):
+    cuda = janus_decoding.load_model(str(write_tiny_checkpoint(tmp_path / "tiny", seed=0)), device="cuda",
+                                     dtype="bf16")
+    decoder = Decoder.from_spec(spec)
+    loop = FastLoop(FastOptions(bucket=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerStepWarning)
+        graphed = _text(cuda, decoder, loop, eos_id=None, **sampler)
+        plain = _text(cuda, decoder, FastLoop(FastOptions(graphs=False, bucket=8, check_syncs=True)), eos_id=None,
+                      **sampler)
+    assert loop.stats["replays"] > 0
+    _same(graphed, plain)
