@@ -2,6 +2,8 @@
 its graph loop (``core/graph.py``), with peak GPU memory, the memory-bandwidth floor and a greedy correctness check.
 
     python -m benchmarks.generate --shape {tiny,1b,7b} --parallel 16 --decoder SPEC --json [--runs 3] [--check]
+    python -m benchmarks.generate --shape 7b --paths graph --variants graph --compare-decoder 'dola(layers="high")' \
+        --profile --json        # a strategy's cost on the graph step, side by side; where the step's GPU time goes
 
 Models are random weights built in memory from ``models/shapes.py`` (bf16 on CUDA, fp32 on CPU) with the tiny
 tokenizer. Paths:
@@ -88,7 +90,12 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int 
                                                                 tokenizer.pad_token_id)
     config.dtype = dtype
     config.text_config.dtype = dtype
-    model = build_on_meta(JanusForConditionalGeneration, config)
+    model = fill_random(build_on_meta(JanusForConditionalGeneration, config), device, dtype, seed)
+    return JanusAdapter(model, tokenizer, None, name=f"random janus-pro-{shape}")
+
+
+def fill_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """Give a model built on meta random parameters drawn in place on ``device`` (each allocated once)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
         module_name, _, leaf = name.rpartition(".")
@@ -103,7 +110,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int 
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    return JanusAdapter(model, tokenizer, None, name=f"random janus-pro-{shape}")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,6 +376,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shape", choices=("tiny", "1b", "7b"), default="tiny")
     parser.add_argument("--parallel", type=int, default=16, help="images per batch (2 rows each with CFG)")
     parser.add_argument("--decoder", default="", help="decoder spec for the eager and graph paths ('' = plain CFG)")
+    parser.add_argument("--compare-decoder", default=None, metavar="SPEC",
+                        help="also time the first graph variant with this decoder, right after it (ratio reported)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more batch of the first graph variant under torch.profiler: GPU time per step by "
+                             "kernel group (benchmarks/kernels.py)")
     parser.add_argument("--runs", type=int, default=3, help="timed batches per path (after one warm-up)")
     parser.add_argument("--rng", choices=("row", "torch"), default="row", help="sampler of the eager and graph paths")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"graph variants: {', '.join(VARIANTS)}")
@@ -425,11 +437,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         generator = torch.Generator(device=device).manual_seed(0) if args.rng == "torch" else None
         return Sampler(rng=args.rng, generator=generator)
 
-    def ours(loop) -> Callable[[], torch.Tensor]:
+    def ours(loop, strategies: Decoder = decoder) -> Callable[[], torch.Tensor]:
         def go() -> torch.Tensor:
             with torch.inference_mode():
-                result = run_images(adapter, decoder, requests, cfg=decoder.cfg, sampler=sampler(), loop=loop)
-            decoder.raise_on_bad_boundaries(result.state)
+                result = run_images(adapter, strategies, requests, cfg=strategies.cfg, sampler=sampler(), loop=loop)
+            strategies.raise_on_bad_boundaries(result.state)
             return result.tokens
 
         return go
@@ -451,6 +463,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 entry["last_run"] = loop.stats
             report["paths"][name] = entry
             save()
+            if index == 0 and entry is not None and args.compare_decoder is not None:
+                name_b = f"{name}+{args.compare_decoder}"
+                _log(name_b)
+                other, loop_b = Decoder.from_spec(args.compare_decoder), FastLoop(options)
+                entry_b = attempt(name_b, lambda: time_path(ours(loop_b, other), args.runs, device))
+                if entry_b is not None:
+                    entry_b["options"], entry_b["last_run"] = _describe(options), loop_b.stats
+                    report["compare_decoder"] = {"spec": args.compare_decoder, "base": name,
+                                                 "ratio": entry_b["median_s"] / entry["median_s"]}
+                report["paths"][name_b] = entry_b
+            if index == 0 and args.profile and device.type == "cuda":
+                from .kernels import kernel_breakdown
+
+                _log("profile")
+                report["profile"] = attempt("profile", lambda: kernel_breakdown(ours(FastLoop(options)), steps))
             if index == 0 and args.check:  # before the other variants, so a failing one cannot spoil it
                 _log("check")
                 report["check"] = attempt("check", lambda: check_greedy(adapter, requests, options, args.check_fp32))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks on the GPU machine (no network), from the repository root of the working tree the device tool sends.
 #
-#   bash benchmarks/gpu.sh STAGE...      stages: tests | tiny | 1b | 7b | write-bg | load
+#   bash benchmarks/gpu.sh STAGE...      stages: tests | tiny | 1b | 7b | write-bg | load | repeat | text | scaling
 #
 # `write-bg` starts writing the random 7B DeepSeek-format folder in the background (one CPU core) so that a later
 # `load` only waits for it. Per shape: GENERATE_ARGS_<shape> adds arguments, LIMIT_<shape> bounds the seconds,
@@ -35,7 +35,7 @@ for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case "$stage" in
     tests)
-      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/core/test_graph.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/core/test_graph.py tests/core/test_graph_text.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
     tiny|1b|7b)
       limit_var="LIMIT_$stage"; args_var="GENERATE_ARGS_$stage"; tag_var="TAG_$stage"
       limit=${!limit_var:-$([ "$stage" = 7b ] && echo 300 || echo 200)}
@@ -43,6 +43,28 @@ for stage in "$@"; do
       timeout "$limit" python3 -m benchmarks.generate --shape "$stage" --parallel 16 --json \
         --out "$OUT/$name.json" ${!args_var:---check} >/dev/null 2>"$OUT/$name.log"
       rc=$?; grep -v Warning "$OUT/$name.log" | tail -4; [ $rc -eq 0 ] || { echo "generate $stage: exit $rc"; status=1; } ;;
+    repeat)  # issue 12: does one process repeat itself bit for bit; a second process compares its hashes
+      timeout 420 python3 -m benchmarks.repeatability --shape 1b --device cuda --deterministic \
+        --out "$OUT/repeatability-1b.json" >/dev/null 2>"$OUT/repeatability-1b.log" || { tail -5 "$OUT/repeatability-1b.log"; status=1; }
+      timeout 200 python3 -m benchmarks.repeatability --shape 1b --device cuda --deterministic --loops graph \
+        --repeats 1 --out "$OUT/repeatability-1b-again.json" >/dev/null 2>>"$OUT/repeatability-1b.log" || status=1
+      python3 - "$OUT" <<'PY'
+import json, sys
+a, b = (json.load(open(f"{sys.argv[1]}/repeatability-1b{s}.json")) for s in ("", "-again"))
+for name, loop in a["loops"].items():
+    print(name, loop["tokens_sha256"], [(r["tokens_equal"], r["first_step_logits_differ"]) for r in loop["repeats_vs_first"]],
+          "other order equal", loop["other_order_tokens_equal"])
+print("second process graph", b["loops"]["graph"]["tokens_sha256"])
+PY
+      ;;
+    text)  # issue 5's text line: transformers' generate vs this project's loops, 7B shape, batch 1
+      timeout 480 python3 -m benchmarks.text --shape 7b --device cuda --json --out "$OUT/text-7b.json" \
+        >/dev/null 2>"$OUT/text-7b.log"; rc=$?; grep -v Warning "$OUT/text-7b.log" | tail -4
+      [ $rc -eq 0 ] || { echo "text: exit $rc"; status=1; } ;;
+    scaling)  # issue 12: the batch job in one process and in two (needs 2 GPUs)
+      timeout 560 python3 -m benchmarks.batch_scaling --shape 1b --prompts 64 -n 4 --micro-batch 16 --device cuda \
+        --work /tmp/scaling --out "$OUT/batch_scaling-1b.json" 2>"$OUT/batch_scaling-1b.log" | tail -40
+      [ "${PIPESTATUS[0]}" -eq 0 ] || { tail -5 "$OUT/batch_scaling-1b.log"; status=1; } ;;
     write-bg)
       (timeout 500 python3 -m benchmarks.load --shape 7b --format deepseek --folder /tmp/janus-pro-7b-deepseek \
         --write-only >/tmp/write-7b.log 2>&1) &
@@ -62,6 +84,10 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/generate-*.json")):
     for name, e in d["paths"].items():
         if e and "median_s" in e:
             print(f"  {name:14s} {e['median_s']:8.3f} s  peak {e.get('peak_gib', 0):6.2f} GiB")
+    if d.get("compare_decoder"):
+        print("  compare", d["compare_decoder"])
+    if d.get("profile"):
+        print("  profile us/step", d["profile"]["total_us_per_step"], d["profile"]["groups"])
     for e in d["errors"]:
         print("  error", e["section"], e["error"][:300])
     if d.get("check"):

@@ -1,0 +1,52 @@
+"""Where a step's GPU time goes: one call under ``torch.profiler``, kernels grouped into GEMM, attention and the rest.
+
+The groups answer the question the fast path keeps asking (what bounds the step: weight-reading GEMMs, KV-reading
+attention, or the many small kernels between them). Kernels replayed from CUDA graphs are counted too (CUPTI traces
+graph nodes). Used by ``benchmarks.generate --profile``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+
+GROUPS = {  # first match wins; names of cuBLAS (nvjet, sm90_xmma, cutlass gemm), SDPA and flash kernels
+    "gemm": re.compile(r"nvjet|gemm|xmma|cublas|splitk", re.I),
+    "attention": re.compile(r"fmha|flash|attention|efficient_attention", re.I),
+}
+
+
+def _group(name: str) -> str:
+    for label, pattern in GROUPS.items():
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 12) -> dict[str, Any]:
+    """Run ``fn`` once under the profiler; GPU microseconds per step by group, kernel launches per step, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
+    groups: dict[str, dict[str, float]] = {}
+    for name, times in kernels.items():
+        entry = groups.setdefault(_group(name), {"us_per_step": 0.0, "kernels_per_step": 0.0})
+        entry["us_per_step"] += sum(times) / steps
+        entry["kernels_per_step"] += len(times) / steps
+    ranked = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "steps": steps,
+        "groups": {k: {m: round(v, 1) for m, v in e.items()} for k, e in sorted(groups.items())},
+        "total_us_per_step": round(sum(e["us_per_step"] for e in groups.values()), 1),
+        "top": [{"name": name[:120], "group": _group(name), "us_per_step": round(sum(t) / steps, 1),
+                 "calls_per_step": round(len(t) / steps, 2)} for name, t in ranked],
+    }
