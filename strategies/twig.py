@@ -16,57 +16,22 @@ points ``0, n, …, R·C``) the strategy, host side:
 The thinker and the scorer are injectable: assign a callable ``(state, ask, *, max_new_tokens, greedy) -> str`` to
 ``TwiG.thinker`` / ``TwiG.scorer`` (class attributes; tests monkeypatch them). The defaults ask the same model through
 ``state.answer``. With ``reflect`` the stage decision is shared by the micro-batch (a low score redraws every image's
-band), so the strategy declares ``couples_rows``.
+band), so the strategy declares ``couples_rows``. The per-run bookkeeping (asks, reflections, trace events, guidance
+clipping) lives in ``strategies/twig_stages.py``; this module wires it to the hooks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
-
-from PIL import Image
+from typing import Callable, ClassVar
 
 from janus_decoding.core.protocol import KVAppend, Rebuild, Rollback
 from janus_decoding.plugins.strategy import Param, Strategy, StrategyError
 
 from . import twig_math as tm
+from .twig_stages import (StageAsk, StageRun, clip_guidance, guidance_ids, score_with_model, think_with_model,
+                          to_pictures)
 
-
-@dataclass(frozen=True)
-class StageAsk:
-    """What the thinker or the scorer is asked, for one image: the prompt, the stage (0-based) and its place, the
-    partial picture (None before the first band), this image's earlier guidance, the attempt (0 = first drawing of
-    the band; scorer only) and a seed for sampled answers."""
-
-    prompt: str
-    stage: int
-    stages: int
-    place: str
-    picture: Image.Image | None
-    earlier: tuple[str, ...]
-    attempt: int
-    seed: int
-
-
-def think_with_model(state, ask: StageAsk, *, max_new_tokens: int, greedy: bool) -> str:
-    question = tm.think_question(ask.prompt, ask.place, ask.stage, ask.stages, ask.earlier)
-    pictures = None if ask.picture is None else [ask.picture]
-    return state.answer(pictures, question, max_new_tokens=max_new_tokens, greedy=greedy, seed=ask.seed)
-
-
-def score_with_model(state, ask: StageAsk, *, max_new_tokens: int, greedy: bool) -> str:
-    question = tm.score_question(ask.prompt, ask.place)
-    return state.answer([ask.picture], question, max_new_tokens=max_new_tokens, greedy=greedy, seed=ask.seed)
-
-
-@dataclass
-class _Run:
-    """Per-run progress (kept in ``state.memory``; a strategy instance serves many runs)."""
-
-    guidance: dict[int, list[str]] = field(default_factory=dict)  # stage → one text per image
-    done: set[int] = field(default_factory=set)  # stages accepted and reported
-    attempts: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # stage → reflections
-    rollbacks: int = 0
+__all__ = ["StageAsk", "TwiG", "score_with_model", "think_with_model"]
 
 
 class TwiG(Strategy):
@@ -102,8 +67,7 @@ class TwiG(Strategy):
         self._bands = tm.band_rows(rows, self.config["stages"])
 
     def begin(self, state) -> None:
-        state.memory[self.name] = _Run()
-        self._images = state.rng_keys[:, 1].tolist()  # host side, once per run
+        state.memory[self.name] = StageRun(self.config["stages"], state.rng_keys[:, 1].tolist())  # host, once per run
 
     def kv_growth(self, state) -> int:
         c = self.config
@@ -117,76 +81,46 @@ class TwiG(Strategy):
         return list(self._bounds)
 
     def schedule(self, state) -> Rebuild | Rollback | None:
-        run: _Run = state.memory[self.name]
-        k = self._bounds.index(state.step)
-        pixels = None
+        run: StageRun = state.memory[self.name]
+        c, k = self.config, self._bounds.index(state.step)
+        pictures = [None] * state.num_pairs
         if k > 0 and k - 1 not in run.done:
             pixels = state.decode_partial(state.generated[:, : state.step])  # [P, 3, rows·16, W]
-            pictures = [Image.fromarray(a.numpy()) for a in tm.to_uint8(pixels).cpu()]
-            if self.config["reflect"] and self._reflect(state, run, k - 1, pictures):
-                run.rollbacks += 1
-                return Rollback(self._bounds[k] - self._bounds[k - 1], run.rollbacks)
-            self._report(state, run, k - 1, pixels)
-        if k == self.config["stages"] or k in run.guidance or not self.config["think"]:
+            pictures = to_pictures(pixels)
+            if c["reflect"]:
+                attempt = len(run.attempts.get(k - 1, []))
+                replies = self._ask_all(state, type(self).scorer, run, k - 1, pictures, attempt)
+                if run.reflect(k - 1, replies, c["threshold"], c["on_unparseable"], c["max_regenerations"]):
+                    run.rollbacks += 1
+                    return Rollback(self._bounds[k] - self._bounds[k - 1], run.rollbacks)
+            run.done.add(k - 1)
+            state.trace.add_image(self.name, f"stage{k}of{c['stages']}", pixels)
+            state.trace.write(self.name, **run.event(k - 1, self._bands[k - 1], state.num_pairs, c["context"]))
+        if k == c["stages"] or k in run.guidance or not c["think"]:
             return None  # the end, a band being redrawn (its guidance is in place), or nothing to say
-        pictures = [None] * state.num_pairs if pixels is None else pictures
-        run.guidance[k] = [self._clip(state, type(self).thinker(
-            state, self._ask(state, run, k, i, pictures[i], 0), max_new_tokens=self.config["think_max_tokens"],
-            greedy=self.config["think_greedy"])) for i in range(state.num_pairs)]
-        if (self.config["context"] == "inject" and k > 0) or (k == 0 and not any(run.guidance[0])):
+        texts = self._ask_all(state, type(self).thinker, run, k, pictures, 0)
+        run.guidance[k] = [clip_guidance(state.adapter.tokenizer, state.adapter.decode_text, text,
+                                         c["think_max_tokens"]) for text in texts]
+        if (c["context"] == "inject" and k > 0) or (k == 0 and not any(run.guidance[0])):
             return None  # kv_inject appends it / the prompt needs no rebuild
-        return Rebuild([tm.compose_prompt(p, [run.guidance[j][i] for j in range(k + 1)])
-                        for i, p in enumerate(state.prompts)])
+        return Rebuild(run.rebuilt_prompts(state.prompts, k))
 
     def kv_inject(self, state) -> list[KVAppend]:
-        run: _Run | None = state.memory.get(self.name)
+        run: StageRun | None = state.memory.get(self.name)
         if self.config["context"] != "inject" or run is None or state.step not in self._bounds[1:-1]:
             return []
         appends = []
         for i, text in enumerate(run.guidance.get(self._bounds.index(state.step), [])):
-            ids = self._ids(state, text)
+            ids = guidance_ids(state.adapter.tokenizer, text, self.config["think_max_tokens"])
             if ids:
                 rows_ids, rows = tm.inject_rows(ids, i, state.num_pairs, state.adapter.pad_id, state.layout,
                                                 state.adapter.device)
                 appends.append(KVAppend(ids=rows_ids, rows=rows))
         return appends
 
-    # -- helpers (host side) -----------------------------------------------------------------------------------
-    def _ask(self, state, run: _Run, stage: int, image: int, picture, attempt: int) -> StageAsk:
-        earlier = tuple(run.guidance[j][image] for j in range(stage) if j in run.guidance)
-        seed = tm.nested_seed(state.seeds[image], self._images[image], stage, attempt)
-        return StageAsk(state.prompts[image], stage, self.config["stages"], tm.place_names(self.config["stages"])[stage],
-                        picture, earlier, attempt, seed)
-
-    def _reflect(self, state, run: _Run, stage: int, pictures) -> bool:
-        """Score the band; True when it should be redrawn (a rejection and redraws left)."""
-        attempts = run.attempts.setdefault(stage, [])
-        replies = [type(self).scorer(state, self._ask(state, run, stage, i, pictures[i], len(attempts)),
-                                     max_new_tokens=self.config["think_max_tokens"],
-                                     greedy=self.config["think_greedy"]) for i in range(state.num_pairs)]
-        scores = [tm.parse_score(r) for r in replies]
-        kept = tm.passes(scores, self.config["threshold"], self.config["on_unparseable"])
-        attempts.append({"scores": scores, "unparseable": [s is None for s in scores], "replies": replies})
-        return not all(kept) and len(attempts) <= self.config["max_regenerations"]
-
-    def _report(self, state, run: _Run, stage: int, pixels) -> None:
-        run.done.add(stage)
-        label = f"stage{stage + 1}of{self.config['stages']}"
-        state.trace.add_image(self.name, label, pixels)
-        attempts = run.attempts.get(stage, [])
-        state.trace.write(self.name, stage=stage + 1, stages=self.config["stages"], rows=list(self._bands[stage]),
-                          guidance=run.guidance.get(stage, [""] * state.num_pairs),
-                          scores=[a["scores"] for a in attempts], unparseable=[a["unparseable"] for a in attempts],
-                          replies=[a["replies"] for a in attempts], regenerations=max(len(attempts) - 1, 0),
-                          context=self.config["context"])
-
-    def _ids(self, state, text: str) -> list[int]:
-        """Guidance token ids (no special tokens), at most ``think_max_tokens``, with a leading space to join."""
-        text = text.strip()
-        ids = state.adapter.tokenizer(" " + text, add_special_tokens=False).input_ids if text else []
-        return list(ids)[: self.config["think_max_tokens"]]
-
-    def _clip(self, state, text: str) -> str:
-        ids = state.adapter.tokenizer(text.strip(), add_special_tokens=False).input_ids
-        return text.strip() if len(ids) <= self.config["think_max_tokens"] else \
-            state.adapter.decode_text(list(ids)[: self.config["think_max_tokens"]]).strip()
+    def _ask_all(self, state, answer: Callable[..., str], run: StageRun, stage: int, pictures: list,
+                 attempt: int) -> list[str]:
+        """The thinker's or the scorer's reply for every image at ``stage`` (host side; nested model answers)."""
+        return [answer(state, run.ask(state.prompts[i], state.seeds[i], stage, i, pictures[i], attempt),
+                       max_new_tokens=self.config["think_max_tokens"], greedy=self.config["think_greedy"])
+                for i in range(state.num_pairs)]
