@@ -43,18 +43,22 @@ for stage in "$@"; do
       timeout "$limit" python3 -m benchmarks.generate --shape "$stage" --parallel 16 --json \
         --out "$OUT/$name.json" ${!args_var:---check} >/dev/null 2>"$OUT/$name.log"
       rc=$?; grep -v Warning "$OUT/$name.log" | tail -4; [ $rc -eq 0 ] || { echo "generate $stage: exit $rc"; status=1; } ;;
-    repeat)  # issue 12: does one process repeat itself bit for bit; a second process compares its hashes
-      timeout 420 python3 -m benchmarks.repeatability --shape 1b --device cuda --deterministic \
-        --out "$OUT/repeatability-1b.json" >/dev/null 2>"$OUT/repeatability-1b.log" || { tail -5 "$OUT/repeatability-1b.log"; status=1; }
-      timeout 200 python3 -m benchmarks.repeatability --shape 1b --device cuda --deterministic --loops graph \
-        --repeats 1 --out "$OUT/repeatability-1b-again.json" >/dev/null 2>>"$OUT/repeatability-1b.log" || status=1
+    repeat)  # issue 12: does one process repeat itself bit for bit; a second process; a control without determinism
+      r=benchmarks.repeatability; log="$OUT/repeatability-1b.log"
+      timeout 300 python3 -m $r --shape 1b --device cuda --deterministic --repeats 2 \
+        --out "$OUT/repeatability-1b.json" >/dev/null 2>"$log" || { tail -5 "$log"; status=1; }
+      timeout 120 python3 -m $r --shape 1b --device cuda --deterministic --loops graph --repeats 1 \
+        --out "$OUT/repeatability-1b-again.json" >/dev/null 2>>"$log" || status=1
+      timeout 120 python3 -m $r --shape 1b --device cuda --loops graph --repeats 2 \
+        --out "$OUT/repeatability-1b-cudnn.json" >/dev/null 2>>"$log" || status=1
       python3 - "$OUT" <<'PY'
 import json, sys
-a, b = (json.load(open(f"{sys.argv[1]}/repeatability-1b{s}.json")) for s in ("", "-again"))
-for name, loop in a["loops"].items():
-    print(name, loop["tokens_sha256"], [(r["tokens_equal"], r["first_step_logits_differ"]) for r in loop["repeats_vs_first"]],
-          "other order equal", loop["other_order_tokens_equal"])
-print("second process graph", b["loops"]["graph"]["tokens_sha256"])
+a, b, c = (json.load(open(f"{sys.argv[1]}/repeatability-1b{s}.json")) for s in ("", "-again", "-cudnn"))
+for label, d in (("deterministic", a), ("second process", b), ("default kernels", c)):
+    for name, loop in d["loops"].items():
+        print(label, name, loop["tokens_sha256"], [(r["tokens_equal"], r["first_step_logits_differ"])
+              for r in loop["repeats_vs_first"]], "other order equal", loop["other_order_tokens_equal"])
+print("two processes agree:", a["loops"]["graph"]["tokens_sha256"][0] == b["loops"]["graph"]["tokens_sha256"][0])
 PY
       ;;
     text)  # issue 5's text line: transformers' generate vs this project's loops, 7B shape, batch 1

@@ -16,6 +16,7 @@ from .cache import StaticKVCache
 from .cfg import CFGConfig, pair_rows
 from .loop import RunResult, Sampler, run
 from .protocol import HookRunner, ModelAdapter, NoHooks, Rebuild
+from .repeatable import attention_kernels
 from .state import StepState
 
 
@@ -74,7 +75,8 @@ def run_images(adapter: ModelAdapter, hooks: HookRunner, requests: Sequence[Imag
         st.prompt_ids, st.attention_mask, st.prompt_positions = full.ids, full.valid, full.positions
         return full, embeds
 
-    return loop(state, hooks, batch, adapter.embed_text(batch.ids), sampler, rebuild=rebuild, progress=progress)
+    with attention_kernels():
+        return loop(state, hooks, batch, adapter.embed_text(batch.ids), sampler, rebuild=rebuild, progress=progress)
 
 
 def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -85,6 +87,20 @@ def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequ
     ``None`` = never stop early); image features fill placeholder slots. ``loop``: as in :func:`run_images`."""
     batch = left_pad(prompt_ids, adapter.pad_id, adapter.device)
     embeds = adapter.embed_text(batch.ids)
+    with attention_kernels():  # the vision tower's attention too
+        embeds, image_mask = _place_image_features(adapter, batch, embeds, pixel_values)
+    state = _new_state(adapter, hooks, batch, mode="text", layout="interleaved", steps=max_new_tokens, seeds=seeds,
+                       indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch,
+                       image_token_mask=image_mask)
+    state.pixel_values = list(pixel_values) if pixel_values is not None else None
+    with attention_kernels():
+        return loop(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id,
+                    pad_id=adapter.pad_id, progress=progress)
+
+
+def _place_image_features(adapter: ModelAdapter, batch: PromptBatch, embeds: torch.Tensor,
+                          pixel_values: Sequence[torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image features written into each prompt's placeholder slots; the placeholder mask (None without images)."""
     image_mask = None
     if pixel_values is not None and any(p is not None for p in pixel_values):
         tag = adapter.special_id("<image_placeholder>")
@@ -98,12 +114,7 @@ def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequ
             if slots.numel() != feats.shape[0]:
                 raise ValueError(f"prompt {row}: {slots.numel()} image slots but {feats.shape[0]} image features")
             embeds[row, slots] = feats
-    state = _new_state(adapter, hooks, batch, mode="text", layout="interleaved", steps=max_new_tokens, seeds=seeds,
-                       indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch,
-                       image_token_mask=image_mask)
-    state.pixel_values = list(pixel_values) if pixel_values is not None else None
-    return loop(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id,
-                pad_id=adapter.pad_id, progress=progress)
+    return embeds, image_mask
 
 
 def answer_text(adapter: ModelAdapter, images: Sequence[Any] | None, question: str, *, max_new_tokens: int = 64,
