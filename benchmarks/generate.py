@@ -52,6 +52,7 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph": FastOptions(),  # fused layers, sdpa over 64-slot buckets
     "graph-full": FastOptions(bucket=0),  # fused layers, sdpa over the whole cache (one graph)
     "graph-modules": FastOptions(layers="transformers"),  # transformers' layer modules, sdpa buckets
+    "graph-compiled": FastOptions(compile="inductor"),  # fused layers with Inductor-compiled layer pieces
     "graph-flash": FastOptions(attention="flash"),  # fused layers, flash reading exactly the filled length
 }
 

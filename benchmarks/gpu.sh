@@ -5,7 +5,7 @@
 #
 # `write-bg` starts writing the random 7B DeepSeek-format folder in the background (one CPU core) so that a later
 # `load` only waits for it. Per shape: GENERATE_ARGS_<shape> adds arguments, LIMIT_<shape> bounds the seconds,
-# TAG_<shape> suffixes the result file.
+# TAG_<shape> suffixes the result file (TEXT_ARGS, LIMIT_text, TAG_text for the text stage).
 #
 # Carry `.whl` (wheels of what the machine's image lacks or has too old: transformers 5.24, pluggy 1.7, regex), e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -62,8 +62,10 @@ print("two processes agree:", a["loops"]["graph"]["tokens_sha256"][0] == b["loop
 PY
       ;;
     text)  # issue 5's text line: transformers' generate vs this project's loops, 7B shape, batch 1
-      timeout 480 python3 -m benchmarks.text --shape 7b --device cuda --json --out "$OUT/text-7b.json" \
-        >/dev/null 2>"$OUT/text-7b.log"; rc=$?; grep -v Warning "$OUT/text-7b.log" | tail -4
+      timeout "${LIMIT_text:-480}" python3 -m benchmarks.text --shape 7b --device cuda --json \
+        --out "$OUT/text-7b${TAG_text:-}.json" ${TEXT_ARGS:-} >/dev/null 2>"$OUT/text-7b.log"; rc=$?
+      grep -v Warning "$OUT/text-7b.log" | tail -4
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(' ', k, round(e.get('tok_s', 0), 1), 'tok/s') for k, e in d['paths'].items()]" "$OUT/text-7b${TAG_text:-}.json"
       [ $rc -eq 0 ] || { echo "text: exit $rc"; status=1; } ;;
     scaling)  # issue 12: the batch job in one process and in two (needs 2 GPUs)
       timeout 560 python3 -m benchmarks.batch_scaling --shape 1b --prompts 64 -n 4 --micro-batch 16 --device cuda \

@@ -85,6 +85,9 @@ class FastOptions:
     attention: Literal["sdpa", "flash"] = "sdpa"
     bucket: int = 64  # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache)
     check_syncs: bool = False  # CUDA, graph-free: run each step under torch.cuda.set_sync_debug_mode("error")
+    # fused layers: compile the two pure pieces of a layer with this torch.compile backend ("inductor" fuses rope,
+    # the q/k/v split and SiLU·mul into fewer kernels); None: plain ops. Compiled once per shape, at the warm-up step.
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -93,6 +96,8 @@ class FastOptions:
             raise ValueError(f"`attention` must be 'sdpa' or 'flash', got {self.attention!r}")
         if not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
+        if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
+            raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,6 +182,43 @@ def fuse_projections(adapter: Any) -> list[_LayerWeights] | str:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _attention_inputs(h: torch.Tensor, ln: torch.Tensor, eps: float, qkv_weight: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, nq: int, nkv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's first half up to attention: rms norm → one q/k/v GEMM → rotary. ``[B, H]`` → q ``[B, nq, D]``,
+    k and v ``[B, nkv, D]``. ``sin`` carries rotate-half's sign, so rotate_half(x)·sin = flip(x)·sin."""
+    b, d = h.shape[0], cos.shape[-1]
+    qkv = F.linear(_rms_norm(h, ln, eps), qkv_weight)  # [B, (nq + 2·nkv)·D]
+    qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
+    v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
+    turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
+    qk = torch.addcmul(qk * cos, turned, sin)
+    return qk[:, :nq], qk[:, nq:], v
+
+
+def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
+                gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down
+    + residual (the residual adds inside ``addmm``). ``[B, H]``, ``[B, nq·D]`` → ``[B, H]``."""
+    h = torch.addmm(h, attended, o_weight.t())
+    gate_up = F.linear(_rms_norm(h, ln, eps), gate_up_weight)  # [B, 2·I]
+    inner = gate_up.shape[1] // 2
+    return torch.addmm(h, F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight.t())
+
+
+_COMPILED: dict[str, tuple[Callable, Callable]] = {}
+
+
+def _layer_pieces(backend: str | None) -> tuple[Callable, Callable]:
+    """The two pieces, plain or compiled with ``backend`` (one compiled pair per backend and process: every layer and
+    run of the same shapes reuses it)."""
+    if backend is None:
+        return _attention_inputs, _layer_rest
+    if backend not in _COMPILED:
+        _COMPILED[backend] = tuple(torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+                                   for fn in (_attention_inputs, _layer_rest))
+    return _COMPILED[backend]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,17 +546,12 @@ class _Stepper:
         flash = self.attention == "flash"
         masks = None if flash else self._masks(length, h.dtype)
         used = self._used_keys() if flash else None
+        first_half, second_half = _layer_pieces(self.options.compile)
         for index, w in enumerate(self.weights):
             if index in wanted:
                 captured[index] = h
             nq = w.o.shape[1] // d
-            x = _rms_norm(h, w.ln1, w.eps1)
-            qkv = F.linear(x, w.qkv)  # [B, (nq + 2·nkv)·D]
-            qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
-            v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
-            turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
-            qk = torch.addcmul(qk * cos, turned, sin)
-            q, k = qk[:, :nq], qk[:, nq:]
+            q, k, v = first_half(h, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv)
             slot = self.slot[index: index + 1]
             keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
             keys.index_copy_(2, slot, k[:, :, None])
@@ -527,11 +564,7 @@ class _Stepper:
                 out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
                                                      attn_mask=masks[index], scale=w.scaling)
                 out = out.reshape(b, nq * d)
-            h = torch.addmm(h, out, w.o.t())
-            x = _rms_norm(h, w.ln2, w.eps2)
-            gate_up = F.linear(x, w.gate_up)  # [B, 2·I]
-            inner = gate_up.shape[1] // 2
-            h = torch.addmm(h, F.silu(gate_up[:, :inner]) * gate_up[:, inner:], w.down.t())
+            h = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
         return h
@@ -612,6 +645,7 @@ class FastLoop:
     def _run(self, state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
              pad_id) -> RunResult:
         """``core.loop.run`` with the one-token steps going through the fast body."""
+        state.compile_backend = options.compile if weights is not None else None
         hooks.begin(state)
         device = embeds.device
         text = None

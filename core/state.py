@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+
+
 @dataclass
 class StepState:
     """One run's state. Tensors are views: hooks read them and must not write them (the loop owns them).
@@ -56,6 +59,7 @@ class StepState:
     _prompt_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     _layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill: last-position input per layer
     _answer: Callable[..., list[str]] | None = None
+    compile_backend: str | None = None  # set by a loop that compiles (FastOptions.compile); read by `compiled`
 
     # -- views -----------------------------------------------------------------------------------------------
     @property
@@ -74,6 +78,17 @@ class StepState:
         return guidance_weight(self.cfg_weight, self.cfg_schedule, self.step_t, self.total_steps)
 
     # -- services --------------------------------------------------------------------------------------------
+    def compiled(self, fn: Callable) -> Callable:
+        """``fn`` through ``torch.compile`` when the loop compiles (the graph loop with ``FastOptions.compile``),
+        else ``fn`` itself: a strategy opts its pure per-step math in, the loop decides. One compiled wrapper per
+        function and backend for the process (``fullgraph=True``, static shapes)."""
+        if self.compile_backend is None:
+            return fn
+        key = (fn, self.compile_backend)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(fn, backend=self.compile_backend, fullgraph=True, dynamic=False)
+        return _COMPILED[key]
+
     def heads(self, hidden: torch.Tensor, *, final_norm: bool) -> torch.Tensor:
         """Run this mode's head (``gen_head`` or ``lm_head``) over ``[J, B, H]`` hidden states in ONE batched call."""
         h = self.adapter.final_norm(hidden) if final_norm else hidden

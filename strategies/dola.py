@@ -18,7 +18,7 @@ import torch
 
 from janus_decoding.plugins.strategy import Param, Strategy, StrategyError
 
-from .dola_math import candidate_layers, dola_contrast, layer_distance, select_premature
+from .dola_math import candidate_layers, dola_step
 
 
 class DoLa(Strategy):
@@ -70,15 +70,11 @@ class DoLa(Strategy):
         early = state.heads(state.memory["dola.hidden"], final_norm=self._final_norm)  # [J, B, V]
         if state.mode == "image":
             early = state.guide(early.transpose(0, 1)).transpose(0, 1)  # [J, P, V]
-        if len(self._layers) == 1:
-            index = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        else:
-            scores = layer_distance(logits.float(), early.float(), kind=self.config["distance"])  # [J, P]
-            index = select_premature(scores, selection=self._selection)  # [P]
-        premature = early[index, torch.arange(logits.shape[0], device=logits.device)]  # [P, V]
+        contrast, index = state.compiled(dola_step)(
+            logits, early, alpha=self._alpha, distance=self.config["distance"], selection=self._selection,
+            min_tokens_to_keep=self.config["min_tokens_to_keep"])  # [P, V], [P]
         self._chosen.index_copy_(0, state.step_t.view(1), self._layer_ids[index][None])
-        return dola_contrast(logits.float(), premature.float(), alpha=self._alpha,
-                             min_tokens_to_keep=self.config["min_tokens_to_keep"]).to(logits.dtype)
+        return contrast
 
     def end(self, state) -> None:
         steps = state.step + 1

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["candidate_layers", "layer_distance", "select_premature", "dola_contrast"]
+__all__ = ["candidate_layers", "layer_distance", "select_premature", "dola_contrast", "dola_step"]
 
 _Scalar = float | int | torch.Tensor
 
@@ -269,3 +269,39 @@ def dola_contrast(
     head = _plausible(ls_final, alpha, min_tokens_to_keep)  # [R, V] bool
     contrast = ls_final - ls_premature
     return torch.where(head, contrast, torch.full_like(contrast, -math.inf))  # [R, V]
+
+
+def dola_step(
+    final_logits: torch.Tensor,
+    premature_logits: torch.Tensor,
+    *,
+    alpha: _Scalar = 0.1,
+    distance: Literal["official", "textbook"] = "official",
+    selection: Literal["batch", "row"] = "batch",
+    min_tokens_to_keep: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One DoLa step from the candidates' logits: pick each row's premature layer, then contrast against it.
+
+    ``M = select_premature(layer_distance(l_N, l_j))`` (index 0 when there is one candidate: no distance to compute),
+    ``F = dola_contrast(l_N, l_M)``, in fp32. One function so that a compiling loop can fuse the whole per-step math
+    (``state.compiled``).
+
+    :param final_logits: ``[R, V]`` final logits (guided, for image tokens).
+    :param premature_logits: ``[J, R, V]`` the candidates' logits (guided alike).
+    :returns: ``F`` ``[R, V]`` in ``final_logits``' dtype, and the chosen candidate index ``[R]``.
+
+    Invariants:
+    - equals ``layer_distance`` → ``select_premature`` → gather → ``dola_contrast`` composed by hand, and index 0 with
+      one candidate (``test_step_is_the_composition``)
+    - compiles with ``fullgraph=True`` (``test_compile_fullgraph``)
+    """
+    rows = final_logits.shape[0]
+    final = final_logits.float()
+    early = premature_logits.float()
+    if early.shape[0] == 1:
+        index = torch.zeros(rows, dtype=torch.long, device=final.device)
+    else:
+        index = select_premature(layer_distance(final, early, kind=distance), selection=selection)  # [R]
+    premature = early[index, torch.arange(rows, device=final.device)]  # [R, V]
+    contrast = dola_contrast(final, premature, alpha=alpha, min_tokens_to_keep=min_tokens_to_keep)
+    return contrast.to(final_logits.dtype), index

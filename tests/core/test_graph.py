@@ -61,6 +61,7 @@ GRAPH_FREE = [
     FastOptions(graphs=False, bucket=4),
     FastOptions(graphs=False, bucket=0),
     FastOptions(graphs=False, layers="transformers", bucket=8),
+    FastOptions(graphs=False, compile="eager"),  # the layer pieces traced by dynamo (fullgraph), run as traced
 ]
 SPECS = [
     "",
@@ -70,7 +71,7 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("options", GRAPH_FREE, ids=lambda o: f"{o.layers}-b{o.bucket}")
+@pytest.mark.parametrize("options", GRAPH_FREE, ids=lambda o: f"{o.layers}-b{o.bucket}-{o.compile}")
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("sampler", [{}, {"greedy": True}, {"rng": "torch"}], ids=["row", "greedy", "torch"])
 def test_graph_free_step_equals_core_loop(model, options, spec, sampler):
@@ -199,6 +200,8 @@ def test_options_are_checked():
         FastOptions(layers="triton")
     with pytest.raises(ValueError, match="bucket"):
         FastOptions(bucket=-1)
+    with pytest.raises(ValueError, match="compile"):
+        FastOptions(compile="")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -219,3 +222,35 @@ def test_cuda_graphs_replay_the_graph_free_step(folder, attention, spec, sampler
     _same_run(graphed, plain)
     again = _generate(cuda, decoder, loop, SAME_PROMPT, **sampler)  # fresh numbers per replay, same per seed
     assert torch.equal(again.tokens, graphed.tokens)
+
+
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5
+
+
+class _UsesCompiled(Strategy):
+    """Sends the guided logits through ``state.compiled`` (halve, then double outside: exact in binary)."""
+
+    name = "uses_compiled"
+    hooks = ("post_cfg",)
+
+    def begin(self, state) -> None:
+        self.handed_back = state.compiled(_halve) is _halve
+        self.backend = state.compile_backend
+
+    def post_cfg(self, state, logits):
+        return state.compiled(_halve)(logits) * 2
+
+
+def test_service_compiled(model):
+    """The loop decides: the eager loop and an uncompiled fast loop hand ``fn`` back; a compiling one compiles it
+    (once per function and backend), and the run gives the same tokens."""
+    plain, fast = _UsesCompiled(), _UsesCompiled()
+    eager = _generate(model, Decoder([plain]), run)
+    assert plain.handed_back and plain.backend is None
+    loop = FastLoop(FastOptions(graphs=False, compile="eager"))
+    compiled = _generate(model, Decoder([fast]), loop)
+    assert not fast.handed_back and fast.backend == "eager"
+    assert torch.equal(eager.tokens, compiled.tokens)
+    state = compiled.state
+    assert state.compiled(_halve) is state.compiled(_halve)

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from janus_decoding.strategies import dola_math
-from janus_decoding.strategies.dola_math import candidate_layers, dola_contrast, layer_distance, select_premature
+from janus_decoding.strategies.dola_math import (candidate_layers, dola_contrast, dola_step, layer_distance,
+                                                 select_premature)
 
 CI = settings(max_examples=50, deadline=None, derandomize=True)
 
@@ -380,6 +381,37 @@ def test_compile_fullgraph():
         return dola_contrast(final, chosen)
 
     assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(final, premature), step(final, premature))
+    for candidates in (premature, premature[:1]):
+        compiled_step = torch.compile(dola_step, fullgraph=True, backend="eager")
+        for got, want in zip(compiled_step(final, candidates, selection="row"), dola_step(final, candidates,
+                                                                                           selection="row")):
+            assert torch.equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_step_is_the_composition(data):
+    """dola_step = distance -> select -> gather -> contrast, composed by hand; one candidate needs no distance."""
+    j = data.draw(st.integers(1, 4))
+    r, v = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 12))
+    seed = data.draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    final = torch.randn(r, v, generator=gen) * 3
+    premature = torch.randn(j, r, v, generator=gen) * 3
+    selection = data.draw(st.sampled_from(["batch", "row"]))
+    distance = data.draw(st.sampled_from(["official", "textbook"]))
+    alpha = data.draw(st.sampled_from([0.0, 0.1, 0.5]))
+    contrast, index = dola_step(final.to(torch.bfloat16), premature, alpha=alpha, distance=distance,
+                                selection=selection)
+    if j == 1:
+        want_index = torch.zeros(r, dtype=torch.long)
+    else:
+        want_index = select_premature(layer_distance(final.bfloat16().float(), premature, kind=distance),
+                                      selection=selection)
+    chosen = premature[want_index, torch.arange(r)]
+    want = dola_contrast(final.bfloat16().float(), chosen, alpha=alpha).to(torch.bfloat16)
+    assert torch.equal(index, want_index)
+    assert torch.equal(contrast, want) and contrast.dtype == torch.bfloat16
 
 
 def test_invariants_name_existing_tests():
