@@ -84,12 +84,13 @@ def _sampler(greedy: bool, rng: str, seed: int, device: torch.device) -> Sampler
 def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str], *, n: int = 1,
                     cfg: float | None = None, seed: int | Sequence[int] = 0, micro_batch: int | None = None,
                     greedy: bool = False, rng: str = "row", negative_prompt: str | None = None,
-                    progress: Callable[[int], None] | None = None, fast: bool | None = None) -> ImageResult:
+                    progress: Callable[[int], None] | None = None, fast: Any = None) -> ImageResult:
     """Generate ``n`` images per prompt. ``seed``: a base (prompt i gets ``seed + i``) or one seed per prompt.
 
     ``micro_batch`` (images per forward batch) bounds memory; with ``rng="row"`` and a decoder that does not
     couple rows, results are identical to one big batch. ``fast`` (default: on for CUDA models) runs the one-token
-    steps as replayed CUDA graphs (``core/graph.py``); steps a strategy cannot capture run eagerly.
+    steps as replayed CUDA graphs (``core/graph.py``); steps a strategy cannot capture run eagerly. Pass a
+    ``FastOptions`` to choose how (``FastOptions(compile="inductor")`` was the fastest measured on an H200).
     """
     texts = _prompts(prompts)
     n = _check_int("n", n, 1)
@@ -125,16 +126,20 @@ def generate_images(decoder: "Decoder", model: Any, prompts: str | Sequence[str]
     return ImageResult(texts, seeds, tokens.cpu(), images, trace, intermediates, time.perf_counter() - start)
 
 
-def _outer_loop(model: Any, fast: bool | None):
-    """The outer loop of a run: the graph fast path on CUDA (unless ``fast=False``), else the eager loop."""
+def _outer_loop(model: Any, fast: Any):
+    """The outer loop of a run: the graph fast path on CUDA (unless ``fast=False``), else the eager loop. ``fast``
+    may also be a ``core.graph.FastOptions`` (e.g. ``FastOptions(compile="inductor")``: fewer kernels a step, ~8 s of
+    compiling on the first run of a shape)."""
+    from janus_decoding.core.graph import FastLoop, FastOptions
+
+    if isinstance(fast, FastOptions):
+        return FastLoop(fast)
     if fast is None:
         fast = model.device.type == "cuda"
     if not fast:
         from janus_decoding.core.loop import run
 
         return run
-    from janus_decoding.core.graph import FastLoop
-
     return FastLoop()
 
 
@@ -148,7 +153,7 @@ def _raise_on_flags(flags: torch.Tensor, chunk: Sequence[ImageRequest] | Sequenc
 
 def _text_run(decoder: "Decoder", model: Any, rows: list[list[int]], pixels, *, max_new_tokens: int, seed: int,
               greedy: bool, rng: str, stream: Callable[[str], None] | None, prompts: list[str],
-              fast: bool | None = None) -> TextResult:
+              fast: Any = None) -> TextResult:
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     sampler = _sampler(greedy, rng, seed, model.device)
     start = time.perf_counter()
@@ -199,7 +204,7 @@ class _StreamingHooks:
 
 def answer(decoder: "Decoder", model: Any, images: Sequence[Any], question: str, *, max_new_tokens: int = 128,
            seed: int = 0, greedy: bool = False, rng: str = "row", stream: Callable[[str], None] | None = None,
-           fast: bool | None = None) -> TextResult:
+           fast: Any = None) -> TextResult:
     """Answer ``question`` about ``images`` (PIL images) with this decoder (image understanding, text mode).
     ``fast``: as in :func:`generate_images` (streaming runs eagerly: it reads every token on the host)."""
     if not isinstance(question, str) or not question.strip():
@@ -217,7 +222,7 @@ def answer(decoder: "Decoder", model: Any, images: Sequence[Any], question: str,
 
 def chat(decoder: "Decoder", model: Any, prompt: str | Sequence[str], *, max_new_tokens: int = 128, seed: int = 0,
          greedy: bool = False, rng: str = "row", stream: Callable[[str], None] | None = None,
-         fast: bool | None = None) -> TextResult:
+         fast: Any = None) -> TextResult:
     """Text in, text out (Janus's chat template, or a plain causal LM's own encoding / chat template).
     ``fast``: as in :func:`answer`."""
     texts = _prompts(prompt)

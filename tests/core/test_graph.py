@@ -254,3 +254,10 @@ def test_service_compiled(model):
     assert torch.equal(eager.tokens, compiled.tokens)
     state = compiled.state
     assert state.compiled(_halve) is state.compiled(_halve)
+
+
+def test_generate_images_takes_fast_options(model):
+    decoder = Decoder()
+    plain = decoder.generate_images(model, "a fox", n=2, seed=3, fast=False)
+    chosen = decoder.generate_images(model, "a fox", n=2, seed=3, fast=FastOptions(graphs=False, compile="eager"))
+    assert torch.equal(plain.tokens, chosen.tokens)
