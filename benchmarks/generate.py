@@ -479,6 +479,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 _log("profile")
                 report["profile"] = attempt("profile", lambda: kernel_breakdown(ours(FastLoop(options)), steps))
+                if args.compare_decoder is not None:  # where the strategy's extra time goes
+                    other = Decoder.from_spec(args.compare_decoder)
+                    report["profile_compare_decoder"] = attempt("profile", lambda: kernel_breakdown(
+                        ours(FastLoop(options), other), steps))
             if index == 0 and args.check:  # before the other variants, so a failing one cannot spoil it
                 _log("check")
                 report["check"] = attempt("check", lambda: check_greedy(adapter, requests, options, args.check_fp32))

@@ -261,3 +261,19 @@ def test_generate_images_takes_fast_options(model):
     plain = decoder.generate_images(model, "a fox", n=2, seed=3, fast=False)
     chosen = decoder.generate_images(model, "a fox", n=2, seed=3, fast=FastOptions(graphs=False, compile="eager"))
     assert torch.equal(plain.tokens, chosen.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_compiled_step(folder):
+    """Inductor-compiled layer pieces and a strategy's compiled math (DoLa) captured and replayed: the replay gives
+    what the same compiled step gives without capture."""
+    cuda = janus_decoding.load_model(str(folder), device="cuda", dtype="bf16")
+    decoder = Decoder.from_spec("dola(layers=[0, 2])")
+    loop = FastLoop(FastOptions(bucket=8, compile="inductor"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerStepWarning)
+        graphed = _generate(cuda, decoder, loop, SAME_PROMPT)
+        plain = _generate(cuda, decoder, FastLoop(FastOptions(graphs=False, bucket=8, compile="inductor")),
+                          SAME_PROMPT)
+    assert loop.stats["replays"] > 0 and graphed.state.compile_backend == "inductor"
+    _same_run(graphed, plain)
