@@ -79,6 +79,7 @@ class JobSettings:
     dtype: str
     micro_batch: int | None
     prompts_sha256: str
+    compile: bool = False  # the fast step's layer pieces through Inductor: the same tokens up to bf16 rounding
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -341,7 +342,10 @@ def check_folder(out_dir: str, settings: JobSettings, *, resume: bool, processes
         except (OSError, json.JSONDecodeError) as exc:
             raise BatchInputError(f"{job}: unreadable ({exc})") from None
         wanted = settings.to_json()
-        differ = [k for k in wanted if recorded.get(k) != wanted[k]] if isinstance(recorded, dict) else ["all"]
+        # a setting added after the job was written counts as its default
+        defaults = {f.name: f.default for f in dataclasses.fields(JobSettings) if f.default is not dataclasses.MISSING}
+        differ = [k for k in wanted if recorded.get(k, defaults.get(k)) != wanted[k]] if isinstance(recorded, dict) \
+            else ["all"]
         if differ:
             what = "; ".join(f"{k}: job has {recorded.get(k)!r}, this run {wanted[k]!r}" for k in differ[:4]) \
                 if isinstance(recorded, dict) else "not a JSON object"

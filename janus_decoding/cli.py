@@ -141,6 +141,21 @@ def make_tiny(folder: str, seed: int, fmt: str, shape: str) -> None:
     click.echo(f"wrote a random {shape} checkpoint ({fmt} format) to {path}")
 
 
+def _compile_option(fn):
+    return click.option("--compile", "compile_step", is_flag=True,
+                        help="Compile the fast step's layer pieces with Inductor: ~8 s once per shape, then "
+                             "9–13% faster image steps on an H200; tokens equal up to bf16 rounding.")(fn)
+
+
+def _fast(compile_step: bool):
+    """``fast=`` for the API: the default choice, or the fast path with compiled layer pieces."""
+    if not compile_step:
+        return None
+    from .core.graph import FastOptions
+
+    return FastOptions(compile="inductor")
+
+
 @main.command()
 @click.argument("prompts", nargs=-1, required=True)
 @_model_options
@@ -151,9 +166,10 @@ def make_tiny(folder: str, seed: int, fmt: str, shape: str) -> None:
 @click.option("--negative-prompt", default=None)
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--save-intermediates", is_flag=True, help="Also write images strategies emit (e.g. TwiG stages).")
+@_compile_option
 @_fail_cleanly
 def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperature, seed, greedy, rng, explain, n,
-             micro_batch, cfg, negative_prompt, out_dir, save_intermediates) -> None:
+             micro_batch, cfg, negative_prompt, out_dir, save_intermediates, compile_step) -> None:
     """Generate images: N PNGs per prompt, a contact sheet per prompt and manifest.jsonl."""
     if n < 1:
         raise click.BadParameter(f"must be ≥ 1, got {n}", param_hint="-n")
@@ -171,7 +187,8 @@ def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperat
     progress = _Progress(len(prompts) * n * rows * cols, "tok", "generating")
     try:
         result = decoder.generate_images(handle, list(prompts), n=n, cfg=cfg, seed=seed, micro_batch=micro_batch,
-                                         greedy=greedy, rng=rng, negative_prompt=negative_prompt, progress=progress)
+                                         greedy=greedy, rng=rng, negative_prompt=negative_prompt, progress=progress,
+                                         fast=_fast(compile_step))
     finally:
         progress.close()
     manifest = out / "manifest.jsonl"
@@ -218,10 +235,12 @@ def generate(prompts, model, device, dtype, decoder_spec, decoder_file, temperat
 @click.option("--rng", type=click.Choice(["row", "torch"]), default="row", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the job in --out (its settings must match).")
 @click.option("--deterministic", is_flag=True,
-              help="torch.use_deterministic_algorithms (warn-only) and a fixed cuBLAS workspace: runs repeat exactly.")
+              help="torch.use_deterministic_algorithms (warn-only), a fixed cuBLAS workspace and no cuDNN attention: "
+                   "runs repeat exactly, in any number of processes.")
+@_compile_option
 @_fail_cleanly
 def batch(prompts_file, out_dir, model, device, dtype, decoder_spec, decoder_file, n, micro_batch, cfg,
-          negative_prompt, temperature, seed, greedy, rng, resume, deterministic) -> None:
+          negative_prompt, temperature, seed, greedy, rng, resume, deterministic, compile_step) -> None:
     """Generate images for every prompt of a JSON / JSONL file; resumable, several processes under accelerate."""
     from . import batch as job
 
@@ -247,7 +266,7 @@ def batch(prompts_file, out_dir, model, device, dtype, decoder_spec, decoder_fil
 
     settings = job.JobSettings(model=model, decoder=decoder.to_spec(), n=n, seed=seed, cfg=cfg,
                                negative_prompt=negative_prompt, temperature=temperature, rng=rng, greedy=greedy,
-                               dtype=dtype, micro_batch=micro_batch, prompts_sha256=digest)
+                               dtype=dtype, micro_batch=micro_batch, prompts_sha256=digest, compile=compile_step)
     processes = job.Processes.detect(device)
 
     def progress(total: int):
@@ -259,7 +278,8 @@ def batch(prompts_file, out_dir, model, device, dtype, decoder_spec, decoder_fil
     report = job.run_job(prompts_file=prompts_file, out_dir=out_dir, settings=settings, items=items,
                          decoder_for=decoder_for, load=lambda dev: _load(model, dev, dtype), processes=processes,
                          resume=resume, say=lambda text: click.echo(text, err=True), progress=progress,
-                         generate_kwargs={"cfg": cfg, "micro_batch": micro_batch, "greedy": greedy, "rng": rng})
+                         generate_kwargs={"cfg": cfg, "micro_batch": micro_batch, "greedy": greedy, "rng": rng,
+                                          "fast": _fast(compile_step)})
     click.echo(job.summary(report, out_dir, processes))
     if report.exit_code:
         sys.exit(report.exit_code)

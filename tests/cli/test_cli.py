@@ -112,6 +112,29 @@ def test_generate_is_reproducible_and_micro_batch_free(janus_folder, tmp_path):
     assert hashes(tmp_path / "a") == hashes(tmp_path / "b", "--micro-batch", "1")
 
 
+def test_compile_reaches_the_fast_path(janus_folder, tmp_path, monkeypatch):
+    """``--compile`` hands generate_images a FastOptions with Inductor, and a batch job records it in job.json."""
+    from janus_decoding.core.graph import FastOptions
+    from janus_decoding.plugins.decoder import Decoder
+
+    seen = []
+    original = Decoder.generate_images
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("fast"))
+        return original(self, *args, **{**kwargs, "fast": False})  # no Inductor build in CI: the eager loop
+
+    monkeypatch.setattr(Decoder, "generate_images", spy)
+    assert _run("generate", "a cat", "--model", janus_folder, "--out", tmp_path / "g", "--compile").exit_code == 0
+    assert _run("generate", "a cat", "--model", janus_folder, "--out", tmp_path / "h").exit_code == 0
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["a dog"]))
+    job = _run("batch", prompts, "--model", janus_folder, "--out", tmp_path / "b", "--compile")
+    assert job.exit_code == 0, job.output
+    assert seen == [FastOptions(compile="inductor"), None, FastOptions(compile="inductor")]
+    assert json.loads((tmp_path / "b" / "job.json").read_text())["compile"] is True
+
+
 def test_generate_decoder_file(janus_folder, tmp_path):
     toml = tmp_path / "d.toml"
     toml.write_text('[[strategy]]\nname = "top_k"\ntop_k = 20\n\n[cfg]\nweight = 2.0\n', encoding="utf-8")
