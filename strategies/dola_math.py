@@ -214,8 +214,9 @@ def _plausible(log_probs: torch.Tensor, alpha: _Scalar, min_tokens_to_keep: int)
     else:
         log_alpha = math.log(alpha) if alpha > 0 else -math.inf
     k = min(min_tokens_to_keep, log_probs.shape[-1])
-    kth = torch.topk(log_probs, k, dim=-1).values[..., -1:]  # [R, 1]
     top = log_probs.amax(dim=-1, keepdim=True)  # [R, 1]
+    # k = 1 (the default) is the max itself: topk's kernel costs ~65 µs a step on an H200, the max ~3 µs
+    kth = top if k == 1 else torch.topk(log_probs, k, dim=-1).values[..., -1:]  # [R, 1]
     threshold = torch.minimum(kth, top + log_alpha)  # [R, 1]
     return (log_probs >= threshold) & (log_probs > -math.inf)  # [R, V]
 
