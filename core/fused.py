@@ -1,0 +1,135 @@
+"""The fast step's layer math: LLaMA blocks with fewer kernels, over weights concatenated once.
+
+A decoder layer for one new token per row, as two pure functions around attention (which the loop runs, since it
+owns the cache): ``_attention_inputs`` (rms norm → one q/k/v GEMM → rotary) and ``_layer_rest`` (output projection
+and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection and residual). ``fuse_projections``
+concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them. ``_layer_pieces``
+hands the two functions out plain or through ``torch.compile`` (one compiled pair per backend and process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["fuse_projections"]
+
+
+@dataclass
+class _LayerWeights:
+    ln1: torch.Tensor  # [H]
+    eps1: float
+    qkv: torch.Tensor  # [(nq + 2·nkv)·D, H]
+    o: torch.Tensor  # [H, nq·D]
+    ln2: torch.Tensor
+    eps2: float
+    gate_up: torch.Tensor  # [2·I, H]
+    down: torch.Tensor  # [H, I]
+    scaling: float
+
+
+def _concat_rows(linears: list[nn.Linear]) -> torch.Tensor:
+    """One ``[Σ out, in]`` weight for several linears; the modules keep row views of it (no memory is added)."""
+    weights = [m.weight for m in linears]
+    base = weights[0]
+    offset = base.storage_offset()
+    shared = all(w.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for w in weights)
+    if shared:
+        rows = 0
+        for w in weights:
+            if not w.is_contiguous() or w.storage_offset() != offset + rows * w.shape[1]:
+                shared = False
+                break
+            rows += w.shape[0]
+    if shared:
+        total = sum(w.shape[0] for w in weights)
+        return base.as_strided((total, base.shape[1]), (base.shape[1], 1), offset)
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([w.detach() for w in weights], 0)
+        start = 0
+        for module, w in zip(linears, weights):
+            module.weight = nn.Parameter(fused[start: start + w.shape[0]], requires_grad=False)
+            start += w.shape[0]
+    return fused
+
+
+def fuse_projections(adapter: Any) -> list[_LayerWeights] | str:
+    """Per-layer weights for the fused step, or a reason why these layers cannot be fused.
+
+    The q/k/v and gate/up weights of each layer are concatenated once; the modules' own ``weight`` parameters then
+    become row views of the concatenation, so the model holds the same values in the same memory and every other
+    path (the eager loop, hooks, saving aside) sees no change. Saving such a model with safetensors needs
+    ``save_pretrained``'s handling of shared tensors.
+    """
+    cached = getattr(adapter, "_fast_layer_weights", None)
+    if cached is not None and all(
+        w.qkv.data_ptr() == layer.self_attn.q_proj.weight.data_ptr() for w, layer in zip(cached, adapter.layers)
+    ):
+        return cached
+    out: list[_LayerWeights] = []
+    for index, layer in enumerate(adapter.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        needed += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(not isinstance(m, nn.Linear) for m in needed):
+            return f"layer {index} is not a LLaMA block (q/k/v/o and gate/up/down linears)"
+        if any(m.bias is not None for m in needed):
+            return f"layer {index} has projection biases"
+        if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+            return f"layer {index}'s MLP activation is not SiLU"
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(not hasattr(n, "variance_epsilon") or not hasattr(n, "weight") for n in norms):
+            return f"layer {index}'s norms are not RMS norms"
+        q, k, v, o, gate, up, down = needed
+        out.append(_LayerWeights(
+            ln1=norms[0].weight, eps1=float(norms[0].variance_epsilon), qkv=_concat_rows([q, k, v]), o=o.weight,
+            ln2=norms[1].weight, eps2=float(norms[1].variance_epsilon), gate_up=_concat_rows([gate, up]),
+            down=down.weight, scaling=float(attn.scaling),
+        ))
+    adapter._fast_layer_weights = out
+    return out
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _attention_inputs(h: torch.Tensor, ln: torch.Tensor, eps: float, qkv_weight: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, nq: int, nkv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's first half up to attention: rms norm → one q/k/v GEMM → rotary. ``[B, H]`` → q ``[B, nq, D]``,
+    k and v ``[B, nkv, D]``. ``sin`` carries rotate-half's sign, so rotate_half(x)·sin = flip(x)·sin."""
+    b, d = h.shape[0], cos.shape[-1]
+    qkv = F.linear(_rms_norm(h, ln, eps), qkv_weight)  # [B, (nq + 2·nkv)·D]
+    qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
+    v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
+    turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
+    qk = torch.addcmul(qk * cos, turned, sin)
+    return qk[:, :nq], qk[:, nq:], v
+
+
+def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
+                gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down
+    + residual (the residual adds inside ``addmm``). ``[B, H]``, ``[B, nq·D]`` → ``[B, H]``."""
+    h = torch.addmm(h, attended, o_weight.t())
+    gate_up = F.linear(_rms_norm(h, ln, eps), gate_up_weight)  # [B, 2·I]
+    inner = gate_up.shape[1] // 2
+    return torch.addmm(h, F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight.t())
+
+
+_COMPILED: dict[str, tuple[Callable, Callable]] = {}
+
+
+def _layer_pieces(backend: str | None) -> tuple[Callable, Callable]:
+    """The two pieces, plain or compiled with ``backend`` (one compiled pair per backend and process: every layer and
+    run of the same shapes reuses it)."""
+    if backend is None:
+        return _attention_inputs, _layer_rest
+    if backend not in _COMPILED:
+        _COMPILED[backend] = tuple(torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+                                   for fn in (_attention_inputs, _layer_rest))
+    return _COMPILED[backend]
