@@ -162,7 +162,7 @@ def _text_run(decoder: "Decoder", model: Any, rows: list[list[int]], pixels, *, 
         decoder_hooks = _StreamingHooks(decoder, streamer) if streamer is not None else decoder
         result = run_text(model, decoder_hooks, rows, max_new_tokens=max_new_tokens, sampler=sampler,
                           seeds=[seed] * len(rows), pixel_values=pixels, prompts=prompts,
-                          loop=_outer_loop(model, fast))
+                          loop=_outer_loop(model, fast if streamer is None else False))  # streaming reads each token
         decoder.raise_on_bad_boundaries(result.state)
         _raise_on_flags(result.flags, prompts)
     lengths = result.lengths.tolist()
