@@ -125,3 +125,22 @@ def test_cuda_graphs_replay_the_graph_free_text_step(tmp_path, spec, sampler):
                       **sampler)
     assert loop.stats["replays"] > 0
     _same(graphed, plain)
+
+
+@pytest.mark.parametrize("spec", [
+    'repetition_penalty(penalty=1.2) > dola > visual_prior_fusion(bank="cat,dog")',
+    "token_pruning(layer=2, keep_ratio=0.5)",
+    'token_pruning(layer=1, keep_ratio=0.25, mode="soft") > top_k(top_k=20)',
+])
+def test_understanding_strategies_on_the_fast_step(janus, spec):
+    """Image understanding with the text-mode strategies: the fast step (graph-free) answers as the eager loop."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (40, 28), (200, 40, 90))
+    decoder = Decoder.from_spec(spec)
+    kwargs = {"max_new_tokens": 12, "seed": 5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EagerStepWarning)  # nothing falls back to the eager loop
+        fast = decoder.answer(janus, [picture], "What is this?", fast=FastOptions(graphs=False), **kwargs)
+    eager = decoder.answer(janus, [picture], "What is this?", fast=False, **kwargs)
+    assert fast.tokens == eager.tokens and len(fast.tokens[0]) > 0
