@@ -4,7 +4,8 @@ A decoder layer for one new token per row, as two pure functions around attentio
 owns the cache): ``_attention_inputs`` (rms norm → one q/k/v GEMM → rotary) and ``_layer_rest`` (output projection
 and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection and residual). ``fuse_projections``
 concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them. ``_layer_pieces``
-hands the two functions out plain or through ``torch.compile`` (one compiled pair per backend and process).
+hands the two functions out plain or through ``torch.compile`` (``core/compiling.py``: one wrapper per function
+and backend for the process).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .compiling import compiled
 
 __all__ = ["fuse_projections"]
 
@@ -121,15 +124,8 @@ def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor,
     return torch.addmm(h, F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight.t())
 
 
-_COMPILED: dict[str, tuple[Callable, Callable]] = {}
-
-
 def _layer_pieces(backend: str | None) -> tuple[Callable, Callable]:
-    """The two pieces, plain or compiled with ``backend`` (one compiled pair per backend and process: every layer and
-    run of the same shapes reuses it)."""
+    """The two halves, plain or compiled with ``backend`` (every layer and run of the same shapes reuses them)."""
     if backend is None:
         return _attention_inputs, _layer_rest
-    if backend not in _COMPILED:
-        _COMPILED[backend] = tuple(torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
-                                   for fn in (_attention_inputs, _layer_rest))
-    return _COMPILED[backend]
+    return compiled(_attention_inputs, backend), compiled(_layer_rest, backend)

@@ -13,13 +13,11 @@ import torch
 
 from .cache import StaticKVCache
 from .cfg import guidance_weight, guide_rows
+from .compiling import compiled
 from .protocol import ModelAdapter, Mode, Trace
 
 if TYPE_CHECKING:
     from PIL import Image
-
-
-_COMPILED: dict[tuple[Callable, str], Callable] = {}
 
 
 @dataclass
@@ -82,12 +80,7 @@ class StepState:
         """``fn`` through ``torch.compile`` when the loop compiles (the graph loop with ``FastOptions.compile``),
         else ``fn`` itself: a strategy opts its pure per-step math in, the loop decides. One compiled wrapper per
         function and backend for the process (``fullgraph=True``, static shapes)."""
-        if self.compile_backend is None:
-            return fn
-        key = (fn, self.compile_backend)
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(fn, backend=self.compile_backend, fullgraph=True, dynamic=False)
-        return _COMPILED[key]
+        return fn if self.compile_backend is None else compiled(fn, self.compile_backend)
 
     def heads(self, hidden: torch.Tensor, *, final_norm: bool) -> torch.Tensor:
         """Run this mode's head (``gen_head`` or ``lm_head``) over ``[J, B, H]`` hidden states in ONE batched call."""
