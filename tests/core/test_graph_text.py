@@ -88,17 +88,21 @@ def test_rows_that_never_finish_run_every_step(janus):
 
 
 def test_early_stop_when_every_row_has_finished(janus):
-    decoder = Decoder()
-    free = _text(janus, decoder, run, eos_id=None, greedy=True)
-    # an EOS every row emits: the run must stop at the next EOS check instead of running all steps
-    shared = set(free.tokens[0, :8].tolist()).intersection(*(set(r[:8].tolist()) for r in free.tokens[1:]))
-    if not shared:
-        pytest.skip("no token shared by every row's first 8 tokens at this seed")
-    eos = min(shared)
+    """Three copies of one prompt, greedy: every row emits the same token at step 2; with it as EOS all rows finish
+    there, and the run stops at the next EOS check (step 8) instead of running all steps."""
+    rows = [janus.chat_prompt_ids(PROMPTS[0])] * 3
+
+    def go(loop, eos_id):
+        with torch.inference_mode():
+            return run_text(janus, Decoder(), rows, max_new_tokens=NEW_TOKENS, sampler=Sampler(greedy=True),
+                            seeds=[0, 1, 2], eos_id=eos_id, loop=loop)
+
+    eos = int(go(run, None).tokens[0, 2])
     loop = FastLoop(FastOptions(graphs=False))
-    fast = _text(janus, decoder, loop, eos_id=eos, greedy=True)
-    _same(_text(janus, decoder, run, eos_id=eos, greedy=True), fast)
-    assert loop.stats["graph_free_steps"] < NEW_TOKENS - 1
+    fast = go(loop, eos)
+    _same(go(run, eos), fast)
+    assert fast.lengths.tolist() == [3, 3, 3]
+    assert loop.stats["graph_free_steps"] == 7  # steps 1..7 (step 0 from the prefill); the check after step 7 stops
 
 
 def test_chat_takes_fast(janus):
