@@ -145,8 +145,8 @@ def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, samp
     return tokens
 
 
-def record(state: StepState, tokens: torch.Tensor) -> None:
-    """Write ids ``[P]`` at column ``step_t`` of the generated ids and of the history.
+def record(state: StepState, tokens: torch.Tensor, *, mark_valid: bool = True) -> None:
+    """Write ids ``[P]`` at column ``step_t`` of the generated ids and of the history (and mark it valid).
 
     The column is the device step (not the host ``state.step``), so a captured step records where each replay is.
     """
@@ -154,7 +154,8 @@ def record(state: StepState, tokens: torch.Tensor) -> None:
     state.generated.index_copy_(1, column, tokens[:, None])
     history_column = column + state.history_offset
     state.history.index_copy_(1, history_column, tokens[:, None])
-    state.history_valid.index_fill_(1, history_column, True)
+    if mark_valid:
+        state.history_valid.index_fill_(1, history_column, True)
 
 
 def finish_text(state: StepState, tokens: torch.Tensor, finished: torch.Tensor, lengths: torch.Tensor,
@@ -162,7 +163,7 @@ def finish_text(state: StepState, tokens: torch.Tensor, finished: torch.Tensor, 
     """Text mode after sampling, on the device: rows that already finished get ``pad_id`` (recorded in place of
     their sample), ``lengths`` counts the rows still going, and an EOS finishes its row. Returns the ids ``[P]``."""
     tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-    record(state, tokens)
+    record(state, tokens, mark_valid=False)  # select_token marked this column already
     lengths += (~finished).long()
     if eos_id is not None:
         finished |= tokens == eos_id
