@@ -53,6 +53,8 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-full": FastOptions(bucket=0),  # fused layers, sdpa over the whole cache (one graph)
     "graph-modules": FastOptions(layers="transformers"),  # transformers' layer modules, sdpa buckets
     "graph-compiled": FastOptions(compile="inductor"),  # fused layers with Inductor-compiled layer pieces
+    "graph-triton": FastOptions(attention="triton"),  # fused layers, the project's split-KV decode attention
+    "graph-compiled-triton": FastOptions(compile="inductor", attention="triton"),
     "graph-flash": FastOptions(attention="flash"),  # fused layers, flash reading exactly the filled length
 }
 
@@ -357,7 +359,7 @@ def check_greedy(adapter, requests: list[ImageRequest], options: FastOptions, fp
 
 
 def _describe(options: FastOptions) -> dict[str, Any]:
-    return {k: getattr(options, k) for k in ("graphs", "layers", "attention", "bucket")}
+    return {k: getattr(options, k) for k in ("graphs", "layers", "attention", "bucket", "split", "compile")}
 
 
 def _versions(device: torch.device) -> dict[str, Any]:

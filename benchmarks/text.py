@@ -143,8 +143,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="timed calls per path (after one warm-up)")
     parser.add_argument("--prompt-tokens", type=int, default=640)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--paths", default="ours-eager,ours-graph,ours-graph-compiled,hf-dynamic,hf-static",
-                        help="ours-graph-compiled: the graph loop with Inductor-compiled layer pieces (CUDA only)")
+    parser.add_argument("--paths", default="ours-eager,ours-graph,ours-graph-compiled,ours-graph-compiled-triton,"
+                        "hf-dynamic,hf-static",
+                        help="ours-graph-compiled: the graph loop with Inductor-compiled layer pieces; "
+                             "ours-graph-triton, ours-graph-compiled-triton: with the Triton decode attention "
+                             "(these three CUDA only)")
     parser.add_argument("--json", action="store_true", help="print the JSON object (default: a short table)")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after each path)")
     return parser.parse_args(argv)
@@ -179,20 +182,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     high = min(adapter.vocab_size, len(adapter.tokenizer))
     prompt = torch.randint(10, high, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     graph_name = "ours-graph" if cuda else "ours-graph-free"
-    loop = FastLoop(FastOptions(graphs=cuda))
-    compiled = FastLoop(FastOptions(compile="inductor"))
+    loops = {graph_name: FastLoop(FastOptions(graphs=cuda))}
+    if cuda:
+        loops["ours-graph-compiled"] = FastLoop(FastOptions(compile="inductor"))
+        loops["ours-graph-triton"] = FastLoop(FastOptions(attention="triton"))
+        loops["ours-graph-compiled-triton"] = FastLoop(FastOptions(compile="inductor", attention="triton"))
     paths: dict[str, Tokens] = {
         "ours-eager": ours_path(adapter, prompt),
-        graph_name: ours_path(adapter, prompt, loop),
-        **({"ours-graph-compiled": ours_path(adapter, prompt, compiled)} if cuda else {}),
+        **{name: ours_path(adapter, prompt, loop) for name, loop in loops.items()},
         "hf-dynamic": hf_path(adapter, prompt),
         "hf-static": hf_path(adapter, prompt, cache_implementation="static"),  # last: compile and its graph pools
     }
 
     def describe(name: str, entry: dict[str, Any]) -> None:
-        if name in (graph_name, "ours-graph-compiled"):
-            stats = loop.stats if name == graph_name else compiled.stats
-            entry["last_run"] = json.loads(json.dumps(stats, default=str))
+        if name in loops:
+            entry["last_run"] = json.loads(json.dumps(loops[name].stats, default=str))
         if name == "hf-static":
             config = getattr(adapter.model, "_last_compile_config", None)  # set by transformers' auto-compile
             entry["torch_compile"] = (json.loads(json.dumps(config.to_dict(), default=str)) if config is not None

@@ -16,7 +16,7 @@ Everything that changes from step to step is a device tensor advanced inside the
 the position ids, the cache slot each layer writes, the last tokens. A replay therefore needs no host work, and the
 host mirrors (``cache.fill``, ``state.step``) are advanced beside it.
 
-Attention reads only what is filled, two ways (``FastOptions.attention``):
+Attention reads only what is filled, three ways (``FastOptions.attention``):
 
 * ``"sdpa"``: ``scaled_dot_product_attention`` over a read length rounded up to a bucket of ``bucket`` slots, with a
   mask of the written, visible slots; one graph per bucket, captured when first needed (``bucket=0``: one graph
@@ -24,6 +24,10 @@ Attention reads only what is filled, two ways (``FastOptions.attention``):
 * ``"flash"``: the flash kernel's variable-length entry with a per-row count of used keys (``seqused_k``), which
   reads exactly the filled slots, so one graph serves every step. It has no mask, so it is used only while every
   filled slot is visible to every row (no left padding, no masked injection); otherwise the run uses ``"sdpa"``.
+* ``"triton"``: this project's split-KV decode kernels (``core/decode_attention.py``): the read length comes from the
+  device, the cache's validity bits are the mask, and the new key and value are written into the cache by the
+  attention kernel itself; one graph serves every step. Needs the fused layers, Triton and CUDA (or Triton's
+  interpreter); otherwise the run uses ``"sdpa"``.
 
 The layers run as transformers' modules (``layers="transformers"``) or as the same math with fewer kernels
 (``layers="fused"``: one GEMM for q/k/v and one for gate/up, over weights concatenated once and shared with the
@@ -53,6 +57,7 @@ import torch.nn.functional as F
 
 from .cache import StaticKVCache
 from .cfg import pair_rows
+from .decode_attention import decode_attention, decode_attention_unavailable
 from .fused import _layer_pieces, _LayerWeights, _rms_norm, fuse_projections
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
@@ -82,8 +87,9 @@ class FastOptions:
 
     graphs: bool = True  # capture and replay CUDA graphs (CUDA only); False: run the same step code eagerly
     layers: Literal["fused", "transformers"] = "fused"
-    attention: Literal["sdpa", "flash"] = "sdpa"
+    attention: Literal["sdpa", "flash", "triton"] = "sdpa"
     bucket: int = 64  # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache)
+    split: int = 64  # "triton": cache positions each attention program reads (a power of two)
     check_syncs: bool = False  # CUDA, graph-free: run each step under torch.cuda.set_sync_debug_mode("error")
     # fused layers: compile the two pure pieces of a layer with this torch.compile backend ("inductor" fuses rope,
     # the q/k/v split and SiLU·mul into fewer kernels); None: plain ops. Compiled once per shape, at the warm-up step.
@@ -92,8 +98,10 @@ class FastOptions:
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
             raise ValueError(f"`layers` must be 'fused' or 'transformers', got {self.layers!r}")
-        if self.attention not in ("sdpa", "flash"):
-            raise ValueError(f"`attention` must be 'sdpa' or 'flash', got {self.attention!r}")
+        if self.attention not in ("sdpa", "flash", "triton"):
+            raise ValueError(f"`attention` must be 'sdpa', 'flash' or 'triton', got {self.attention!r}")
+        if not isinstance(self.split, int) or self.split < 16 or self.split & (self.split - 1):
+            raise ValueError(f"`split` must be a power of two >= 16, got {self.split!r}")
         if not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
@@ -270,7 +278,7 @@ class _Stepper:
     # -- the step ---------------------------------------------------------------------------------------------
     def read_len(self) -> int:
         cache = self.state.cache
-        if self.attention == "flash":
+        if self.attention in ("flash", "triton"):
             return cache.max_len
         bucket = self.options.bucket
         need = max(cache.fill) + 1
@@ -422,8 +430,8 @@ class _Stepper:
         h = embeds  # [B, H]
         cos = self.cos_table.index_select(0, self.pos)[:, None]  # [B, 1, D]
         sin = self.sin_table.index_select(0, self.pos)[:, None]
-        flash = self.attention == "flash"
-        masks = None if flash else self._masks(length, h.dtype)
+        flash, triton = self.attention == "flash", self.attention == "triton"
+        masks = None if flash or triton else self._masks(length, h.dtype)
         used = self._used_keys() if flash else None
         first_half, second_half = _layer_pieces(self.options.compile)
         for index, w in enumerate(self.weights):
@@ -433,12 +441,14 @@ class _Stepper:
             q, k, v = first_half(h, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv)
             slot = self.slot[index: index + 1]
             keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
-            keys.index_copy_(2, slot, k[:, :, None])
-            values.index_copy_(2, slot, v[:, :, None])
-            group = cache.group[index]
-            if flash:
-                out = self._flash(q, keys, values, used[group], w.scaling)  # [B, nq·D]
+            if triton:  # the kernel writes k/v at the slot itself
+                out = decode_attention(q, k, v, keys, values, cache.valid[index], slot, w.scaling, self.options.split)
             else:
+                keys.index_copy_(2, slot, k[:, :, None])
+                values.index_copy_(2, slot, v[:, :, None])
+            if flash:
+                out = self._flash(q, keys, values, used[cache.group[index]], w.scaling)  # [B, nq·D]
+            elif not triton:
                 query = q.reshape(b, nkv, nq // nkv, d)  # one query token: GQA's shared heads as query rows
                 out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
                                                      attn_mask=masks[index], scale=w.scaling)
@@ -517,6 +527,12 @@ class FastLoop:
         if attention == "flash" and (state.adapter.device.type != "cuda" or weights is None):
             _say_once("fast path: flash attention needs CUDA and the fused layers; using sdpa")
             attention = "sdpa"
+        if attention == "triton":
+            why = "it needs the fused layers" if weights is None else \
+                decode_attention_unavailable(state.adapter.device, state.adapter.head_dim)
+            if why is not None:
+                _say_once(f"fast path: the Triton decode attention cannot run ({why}); using sdpa")
+                attention = "sdpa"
         options = dataclasses.replace(self.options, attention=attention)
         return self._run(state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
                          pad_id)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
-from hypothesis import settings
 
-import janus_decoding
+# Without CUDA, Triton kernels (core/decode_attention.py) run through Triton's interpreter. It must be chosen before
+# Triton is first imported (torch._dynamo imports it, so before anything loads transformers' models).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import janus_decoding  # noqa: E402
 from janus_decoding.models.tiny import write_tiny_checkpoint, write_tiny_llama
-from janus_decoding.plugins.registry import reset_default_registry
+from janus_decoding.plugins.registry import reset_default_registry  # noqa: E402
 
 # The tiny model's ops are far too small to gain from intra-op threads; on a shared 2-core runner with two xdist
 # workers, extra threads only spin against each other (an order of magnitude slower).

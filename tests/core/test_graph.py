@@ -82,6 +82,26 @@ def test_graph_free_step_equals_core_loop(model, options, spec, sampler):
     assert loop.stats["graph_free_steps"] == steps - 1  # token 0 comes from the prefill
 
 
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]])  # (each run is ~13 s in Triton's interpreter)
+def test_triton_attention_step_equals_core_loop(model, spec):
+    """The split-KV Triton kernels (on CPU: Triton's interpreter) in place of sdpa: the core loop's tokens, with
+    left padding (the "a cat" prompt is shorter) read through the cache's validity bits."""
+    decoder = Decoder.from_spec(spec)
+    loop = FastLoop(FastOptions(graphs=False, attention="triton", split=32))
+    _same_run(_generate(model, decoder, run), _generate(model, decoder, loop))
+    assert loop.stats["attention"] == "triton" and loop.stats["graph_free_steps"] > 0
+
+
+def test_triton_attention_falls_back_to_sdpa_where_it_cannot_run(model, monkeypatch):
+    monkeypatch.setattr(graph_module, "_SAID", set())
+    monkeypatch.setattr(graph_module, "decode_attention_unavailable", lambda device, head_dim: "no Triton here")
+    loop = FastLoop(FastOptions(graphs=False, attention="triton"))
+    with pytest.warns(EagerStepWarning, match="no Triton here"):
+        fast = _generate(model, Decoder(), loop)
+    assert loop.stats["attention"] == "sdpa"
+    _same_run(_generate(model, Decoder(), run), fast)
+
+
 def test_fused_projections_share_memory(model):
     fused = graph_module.fuse_projections(model)
     layer = model.layers[0]
@@ -174,6 +194,18 @@ def test_host_hooks_run_eagerly_between_fast_steps(model, strategy):
     assert loop.stats["graph_free_steps"] > 0
 
 
+@pytest.mark.parametrize("strategy", [_InjectAt5, _PrunePrompt], ids=["inject", "prune"])
+def test_triton_attention_with_masked_and_shorter_layers(model, strategy):
+    """A masked KV injection and a pruning layer (shorter layers with their own validity) through the kernels."""
+    decoder = Decoder([strategy()])
+    loop = FastLoop(FastOptions(graphs=False, attention="triton", split=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerStepWarning)
+        fast = _generate(model, decoder, loop)
+    _same_run(_generate(model, decoder, run), fast)
+    assert loop.stats["attention"] == "triton"
+
+
 def test_boundary_flags_survive_the_fast_step(model):
     decoder = Decoder([_NaNAt9()])
     for loop in (run, FastLoop(FastOptions(graphs=False))):
@@ -202,10 +234,14 @@ def test_options_are_checked():
         FastOptions(bucket=-1)
     with pytest.raises(ValueError, match="compile"):
         FastOptions(compile="")
+    with pytest.raises(ValueError, match="split"):
+        FastOptions(split=48)
+    with pytest.raises(ValueError, match="attention"):
+        FastOptions(attention="xformers")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attention", ["sdpa", "flash"])
+@pytest.mark.parametrize("attention", ["sdpa", "flash", "triton"])
 @pytest.mark.parametrize("spec", SPECS[:2] + [""])
 @pytest.mark.parametrize("sampler", [{}, {"rng": "torch"}], ids=["row", "torch"])
 def test_cuda_graphs_replay_the_graph_free_step(folder, attention, spec, sampler):

@@ -114,20 +114,33 @@ def test_chat_takes_fast(janus):
     assert plain.tokens == fast.tokens and len(plain.tokens[0]) > 0
 
 
+@pytest.mark.parametrize("which", ["janus", "llama"])
+def test_triton_attention_text_equals_core_loop(request, which):
+    """Text mode through the Triton decode kernels (CPU: Triton's interpreter): left padding, rows finishing at
+    different steps, GQA heads on the plain LLaMA."""
+    model = request.getfixturevalue(which)
+    decoder = Decoder.from_spec("repetition_penalty(penalty=1.3) > top_p(top_p=0.8)")
+    eos = _common_token(model, decoder)
+    loop = FastLoop(FastOptions(graphs=False, attention="triton", split=32))
+    _same(_text(model, decoder, run, eos_id=eos), _text(model, decoder, loop, eos_id=eos))
+    assert loop.stats["attention"] == "triton"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec", ["", "repetition_penalty(penalty=1.3) > top_p(top_p=0.8)"])
 @pytest.mark.parametrize("sampler", [{}, {"rng": "torch"}], ids=["row", "torch"])
-def test_cuda_graphs_replay_the_graph_free_text_step(tmp_path, spec, sampler):
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_cuda_graphs_replay_the_graph_free_text_step(tmp_path, spec, sampler, attention):
     cuda = janus_decoding.load_model(str(write_tiny_checkpoint(tmp_path / "tiny", seed=0)), device="cuda",
                                      dtype="bf16")
     decoder = Decoder.from_spec(spec)
-    loop = FastLoop(FastOptions(bucket=8))
+    loop = FastLoop(FastOptions(bucket=8, attention=attention))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EagerStepWarning)
         graphed = _text(cuda, decoder, loop, eos_id=None, **sampler)
-        plain = _text(cuda, decoder, FastLoop(FastOptions(graphs=False, bucket=8, check_syncs=True)), eos_id=None,
-                      **sampler)
-    assert loop.stats["replays"] > 0
+        plain = _text(cuda, decoder, FastLoop(FastOptions(graphs=False, bucket=8, check_syncs=True,
+                                                          attention=attention)), eos_id=None, **sampler)
+    assert loop.stats["replays"] > 0 and loop.stats["attention"] == attention
     _same(graphed, plain)
 
 

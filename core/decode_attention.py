@@ -1,0 +1,164 @@
+"""Attention for one new token per row over the static KV cache, as two Triton kernels (split-KV decoding).
+
+Why a kernel of our own: the fast step's attention reads up to ~600 cached positions for each of 32 rows and 32
+heads with one query each. SDPA must be handed a fixed read length inside a CUDA graph (a bucket: up to 63 slots
+read for nothing, and one graph per bucket) and a materialised additive mask; its kernels spread one (row, head)
+over one thread block, which leaves most of the GPU idle at batch 1. Here:
+
+* the read length comes from the device (the layer's write slot), so one graph serves every step and nothing past
+  the filled slots is read;
+* the cache's own validity bits ``[B, L]`` are the mask (left padding, masked injections, pruned slots);
+* the new key and value are written into the cache by the program whose block holds the slot, and used from
+  registers (the separate ``index_copy_`` kernels of the step go away);
+* each (row, kv head) is split over blocks of ``block`` positions: the first kernel writes each block's running
+  max, sum and weighted values (fp32), the second merges the blocks that hold filled slots.
+
+``decode_attention_reference`` is the same contract in plain torch; the tests hold the kernels to it (on CPU
+through Triton's interpreter, ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_unavailable"]
+
+
+def decode_attention_unavailable(device: torch.device, head_dim: int) -> str | None:
+    """Why the kernels cannot run here, or None."""
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return f"head dim {head_dim} is not a power of two >= 16"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    return None
+
+
+def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
+                               values: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """Write ``k_new``/``v_new`` ``[B, nkv, D]`` at ``slot`` (a one-element device tensor) of ``keys``/``values``
+    ``[B, nkv, L, D]``, then attend ``q`` ``[B, nq, D]`` over slots ``0..slot`` that ``valid`` ``[B, L]`` marks
+    visible. Returns ``[B, nq·D]`` in ``q``'s dtype (softmax in fp32)."""
+    b, nq, d = q.shape
+    nkv = keys.shape[1]
+    keys.index_copy_(2, slot, k_new[:, :, None].to(keys.dtype))
+    values.index_copy_(2, slot, v_new[:, :, None].to(values.dtype))
+    length = int(slot) + 1
+    k = keys[:, :, :length].float().repeat_interleave(nq // nkv, 1)  # [B, nq, T, D]
+    v = values[:, :, :length].float().repeat_interleave(nq // nkv, 1)
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * scale
+    scores = scores.masked_fill(~valid[:, None, :length], float("-inf"))
+    out = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v)
+    return out.to(q.dtype).reshape(b, nq * d)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """Compile-on-first-use: importing this module needs no Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_attention_split(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, scale,
+                     sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sval_b,
+                     NQ: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        slot = tl.load(slot_ptr)
+        start = split * BLOCK
+        if start > slot:  # a block past the filled slots: nothing to read (the merge never looks at it)
+            return
+        pos = start + tl.arange(0, BLOCK)
+        dim = tl.arange(0, D)
+        filled = pos <= slot
+        k_new = tl.load(kn_ptr + b * skn_b + kvh * skn_h + dim)
+        v_new = tl.load(vn_ptr + b * svn_b + kvh * svn_h + dim)
+        k_rows = kc_ptr + b * skc_b + kvh * skc_h
+        v_rows = vc_ptr + b * svc_b + kvh * svc_h
+        k = tl.load(k_rows + pos[:, None] * skc_l + dim[None, :], mask=filled[:, None], other=0.0)
+        v = tl.load(v_rows + pos[:, None] * svc_l + dim[None, :], mask=filled[:, None], other=0.0)
+        here = pos == slot
+        k = tl.where(here[:, None], k_new[None, :].to(k.dtype), k).to(tl.float32)
+        v = tl.where(here[:, None], v_new[None, :].to(v.dtype), v).to(tl.float32)
+        if slot < start + BLOCK:  # this block holds the write slot: store the new entry in the cache
+            tl.store(k_rows + slot * skc_l + dim, k_new.to(kc_ptr.dtype.element_ty))
+            tl.store(v_rows + slot * svc_l + dim, v_new.to(vc_ptr.dtype.element_ty))
+        seen = tl.load(valid_ptr + b * sval_b + pos, mask=filled, other=0) != 0
+        for g in tl.static_range(GROUP):
+            head = kvh * GROUP + g
+            q = tl.load(q_ptr + b * sq_b + head * sq_h + dim).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * scale
+            s = tl.where(seen, s, float("-inf"))
+            m = tl.max(s, axis=0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp(s - m_safe)
+            out = (b * NQ + head) * SPLITS + split
+            tl.store(m_ptr + out, m)
+            tl.store(l_ptr + out, tl.sum(p, axis=0))
+            tl.store(acc_ptr + out * D + dim, tl.sum(p[:, None] * v, axis=0))
+
+    @triton.jit
+    def decode_attention_merge(m_ptr, l_ptr, acc_ptr, slot_ptr, out_ptr, so_b, NQ: tl.constexpr, SPLITS: tl.constexpr,
+                     SPLITS_P2: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)
+        slot = tl.load(slot_ptr)
+        blocks = tl.arange(0, SPLITS_P2)
+        used = blocks <= slot // BLOCK
+        dim = tl.arange(0, D)
+        base = (b * NQ + head) * SPLITS
+        m = tl.load(m_ptr + base + blocks, mask=used, other=float("-inf"))
+        l = tl.load(l_ptr + base + blocks, mask=used, other=0.0)
+        acc = tl.load(acc_ptr + (base + blocks)[:, None] * D + dim[None, :], mask=used[:, None], other=0.0)
+        top = tl.max(m, axis=0)  # finite: the slot written now is visible to its row
+        w = tl.where(used, tl.exp(m - top), 0.0)
+        total = tl.sum(w * l, axis=0)
+        out = tl.sum(w[:, None] * acc, axis=0) / total
+        tl.store(out_ptr + b * so_b + head * D + dim, out.to(out_ptr.dtype.element_ty))
+
+    return decode_attention_split, decode_attention_merge
+
+
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, scale: float,
+                     block: int = 64) -> torch.Tensor:
+    """:func:`decode_attention_reference`'s contract in two kernel launches, with no host sync (graph-safe).
+
+    ``q``, ``k_new``, ``v_new`` may be strided views (read in place when their last dim is contiguous); ``valid`` is ``[B, L]`` bool with
+    the write slot already marked visible. ``block`` is the positions each program reads (a power of two).
+    """
+    decode_attention_split, decode_attention_merge = _kernels()
+    b, nq, d = q.shape
+    nkv, capacity = keys.shape[1], keys.shape[2]
+    splits = -(-capacity // block)
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or valid.stride(-1) != 1:
+        raise ValueError("decode_attention: the cache and its validity must be contiguous in their last dimension")
+    q, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new))
+    m = torch.empty(b * nq * splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(b * nq * splits, d, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, nq * d, dtype=q.dtype, device=q.device)
+    seen = valid.view(torch.uint8)
+    decode_attention_split[(b, nkv, splits)](
+        q, k_new, v_new, keys, values, seen, slot, m, l, acc, scale,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, BLOCK=block, num_warps=4,
+    )
+    decode_attention_merge[(b, nq)](m, l, acc, slot, out, out.stride(0), NQ=nq, SPLITS=splits,
+                          SPLITS_P2=_next_power_of_2(splits), D=d, BLOCK=block, num_warps=4)
+    return out
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
