@@ -14,6 +14,7 @@ import torch
 
 import janus_decoding
 from janus_decoding.core import graph as graph_module
+from janus_decoding.core.decode_attention import decode_attention_unavailable
 from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
 from janus_decoding.core.loop import Sampler, run
 from janus_decoding.core.protocol import KVAppend, LayerKeep, Rollback
@@ -24,6 +25,10 @@ from janus_decoding.plugins.strategy import Strategy
 
 REQUESTS = [ImageRequest("a red fox in fresh snow", 3, k) for k in range(3)] + [ImageRequest("a cat", 5, 0)]
 SAME_PROMPT = REQUESTS[:3]
+
+# The Triton kernels on the CPU model: through the interpreter where CUDA is absent (tests/conftest.py), else skipped.
+NO_CPU_TRITON = pytest.mark.skipif(decode_attention_unavailable(torch.device("cpu"), 64) is not None,
+                                   reason="Triton's interpreter is off (a CUDA host runs the kernels in the CUDA tests)")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,7 @@ def test_graph_free_step_equals_core_loop(model, options, spec, sampler):
     assert loop.stats["graph_free_steps"] == steps - 1  # token 0 comes from the prefill
 
 
+@NO_CPU_TRITON
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]])  # (each run is ~13 s in Triton's interpreter)
 def test_triton_attention_step_equals_core_loop(model, spec):
     """The split-KV Triton kernels (on CPU: Triton's interpreter) in place of sdpa: the core loop's tokens, with
@@ -194,6 +200,7 @@ def test_host_hooks_run_eagerly_between_fast_steps(model, strategy):
     assert loop.stats["graph_free_steps"] > 0
 
 
+@NO_CPU_TRITON
 @pytest.mark.parametrize("strategy", [_InjectAt5, _PrunePrompt], ids=["inject", "prune"])
 def test_triton_attention_with_masked_and_shorter_layers(model, strategy):
     """A masked KV injection and a pruning layer (shorter layers with their own validity) through the kernels."""
