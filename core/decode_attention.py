@@ -10,8 +10,9 @@ over one thread block, which leaves most of the GPU idle at batch 1. Here:
 * the cache's own validity bits ``[B, L]`` are the mask (left padding, masked injections, pruned slots);
 * the new key and value are written into the cache by the program whose block holds the slot, and used from
   registers (the separate ``index_copy_`` kernels of the step go away);
-* each (row, kv head) is split over blocks of ``block`` positions: the first kernel writes each block's running
-  max, sum and weighted values (fp32), the second merges the blocks that hold filled slots.
+* each (row, head) is split into chunks of ``chunk`` slots (flash decoding): the first kernel runs an online
+  softmax over its chunk and writes the chunk's max, sum and weighted values (fp32), the second merges the chunks
+  that hold filled slots.
 
 ``decode_attention_reference`` is the same contract in plain torch; the tests hold the kernels to it (on CPU
 through Triton's interpreter, ``TRITON_INTERPRET=1``).
@@ -67,63 +68,70 @@ def _kernels() -> tuple[Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def decode_attention_split(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, scale,
-                     sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, sval_b,
-                     NQ: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                     BLOCK: tl.constexpr):
+    def decode_attention_split(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
+                               scale, sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
+                               sval_b, NQ: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """One (row, query head, chunk of CHUNK slots): online softmax over BLOCK slots at a time."""
         b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        head = tl.program_id(1)
         split = tl.program_id(2)
+        kvh = head // GROUP
         slot = tl.load(slot_ptr)
-        start = split * BLOCK
-        if start > slot:  # a block past the filled slots: nothing to read (the merge never looks at it)
+        first = split * CHUNK
+        if first > slot:  # a chunk past the filled slots: nothing to read (the merge never looks at it)
             return
-        pos = start + tl.arange(0, BLOCK)
+        end = tl.minimum(first + CHUNK, slot + 1)
         dim = tl.arange(0, D)
-        filled = pos <= slot
         k_new = tl.load(kn_ptr + b * skn_b + kvh * skn_h + dim)
         v_new = tl.load(vn_ptr + b * svn_b + kvh * svn_h + dim)
         k_rows = kc_ptr + b * skc_b + kvh * skc_h
         v_rows = vc_ptr + b * svc_b + kvh * svc_h
-        k = tl.load(k_rows + pos[:, None] * skc_l + dim[None, :], mask=filled[:, None], other=0.0)
-        v = tl.load(v_rows + pos[:, None] * svc_l + dim[None, :], mask=filled[:, None], other=0.0)
-        here = pos == slot
-        k = tl.where(here[:, None], k_new[None, :].to(k.dtype), k).to(tl.float32)
-        v = tl.where(here[:, None], v_new[None, :].to(v.dtype), v).to(tl.float32)
-        if slot < start + BLOCK:  # this block holds the write slot: store the new entry in the cache
+        if (slot < first + CHUNK) & (head % GROUP == 0):  # this chunk holds the write slot: store the new entry
             tl.store(k_rows + slot * skc_l + dim, k_new.to(kc_ptr.dtype.element_ty))
             tl.store(v_rows + slot * svc_l + dim, v_new.to(vc_ptr.dtype.element_ty))
-        seen = tl.load(valid_ptr + b * sval_b + pos, mask=filled, other=0) != 0
-        for g in tl.static_range(GROUP):
-            head = kvh * GROUP + g
-            q = tl.load(q_ptr + b * sq_b + head * sq_h + dim).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * scale
-            s = tl.where(seen, s, float("-inf"))
-            m = tl.max(s, axis=0)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            p = tl.exp(s - m_safe)
-            out = (b * NQ + head) * SPLITS + split
-            tl.store(m_ptr + out, m)
-            tl.store(l_ptr + out, tl.sum(p, axis=0))
-            tl.store(acc_ptr + out * D + dim, tl.sum(p[:, None] * v, axis=0))
+        q = tl.load(q_ptr + b * sq_b + head * sq_h + dim).to(tl.float32) * scale
+        top = -float("inf")
+        total = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        for start in range(first, end, BLOCK):
+            pos = start + tl.arange(0, BLOCK)
+            inside = pos < end
+            k = tl.load(k_rows + pos[:, None] * skc_l + dim[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(v_rows + pos[:, None] * svc_l + dim[None, :], mask=inside[:, None], other=0.0)
+            here = (pos == slot)[:, None]
+            k = tl.where(here, k_new[None, :].to(k.dtype), k).to(tl.float32)
+            v = tl.where(here, v_new[None, :].to(v.dtype), v).to(tl.float32)
+            seen = (tl.load(valid_ptr + b * sval_b + pos, mask=inside, other=0) != 0) & inside
+            s = tl.where(seen, tl.sum(k * q[None, :], axis=1), -float("inf"))
+            new_top = tl.maximum(top, tl.max(s, axis=0))
+            safe = tl.where(new_top == -float("inf"), 0.0, new_top)  # all masked so far: keep zeros, not NaN
+            rescale = tl.exp(top - safe)
+            p = tl.exp(s - safe)
+            total = total * rescale + tl.sum(p, axis=0)
+            acc = acc * rescale + tl.sum(p[:, None] * v, axis=0)
+            top = new_top
+        out = (b * NQ + head) * SPLITS + split
+        tl.store(m_ptr + out, top)
+        tl.store(l_ptr + out, total)
+        tl.store(acc_ptr + out * D + dim, acc)
 
     @triton.jit
-    def decode_attention_merge(m_ptr, l_ptr, acc_ptr, slot_ptr, out_ptr, so_b, NQ: tl.constexpr, SPLITS: tl.constexpr,
-                     SPLITS_P2: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    def decode_attention_merge(m_ptr, l_ptr, acc_ptr, slot_ptr, out_ptr, so_b, NQ: tl.constexpr,
+                               SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         slot = tl.load(slot_ptr)
-        blocks = tl.arange(0, SPLITS_P2)
-        used = blocks <= slot // BLOCK
+        chunks = tl.arange(0, SPLITS_P2)
+        used = chunks <= slot // CHUNK
         dim = tl.arange(0, D)
         base = (b * NQ + head) * SPLITS
-        m = tl.load(m_ptr + base + blocks, mask=used, other=float("-inf"))
-        l = tl.load(l_ptr + base + blocks, mask=used, other=0.0)
-        acc = tl.load(acc_ptr + (base + blocks)[:, None] * D + dim[None, :], mask=used[:, None], other=0.0)
+        m = tl.load(m_ptr + base + chunks, mask=used, other=-float("inf"))
+        l = tl.load(l_ptr + base + chunks, mask=used, other=0.0)
+        acc = tl.load(acc_ptr + (base + chunks)[:, None] * D + dim[None, :], mask=used[:, None], other=0.0)
         top = tl.max(m, axis=0)  # finite: the slot written now is visible to its row
         w = tl.where(used, tl.exp(m - top), 0.0)
-        total = tl.sum(w * l, axis=0)
-        out = tl.sum(w[:, None] * acc, axis=0) / total
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
         tl.store(out_ptr + b * so_b + head * D + dim, out.to(out_ptr.dtype.element_ty))
 
     return decode_attention_split, decode_attention_merge
@@ -131,16 +139,18 @@ def _kernels() -> tuple[Any, Any]:
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, scale: float,
-                     block: int = 64) -> torch.Tensor:
+                     chunk: int = 128, *, block: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """:func:`decode_attention_reference`'s contract in two kernel launches, with no host sync (graph-safe).
 
-    ``q``, ``k_new``, ``v_new`` may be strided views (read in place when their last dim is contiguous); ``valid`` is ``[B, L]`` bool with
-    the write slot already marked visible. ``block`` is the positions each program reads (a power of two).
+    ``q``, ``k_new``, ``v_new`` may be strided views (read in place when their last dim is contiguous); ``valid``
+    is ``[B, L]`` bool with the write slot already marked visible. Each program reads ``chunk`` slots, ``block`` at
+    a time (powers of two, ``block <= chunk``).
     """
     decode_attention_split, decode_attention_merge = _kernels()
     b, nq, d = q.shape
     nkv, capacity = keys.shape[1], keys.shape[2]
-    splits = -(-capacity // block)
+    block = min(block, chunk)
+    splits = -(-capacity // chunk)
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or valid.stride(-1) != 1:
         raise ValueError("decode_attention: the cache and its validity must be contiguous in their last dimension")
     q, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new))
@@ -149,14 +159,15 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     acc = torch.empty(b * nq * splits, d, dtype=torch.float32, device=q.device)
     out = torch.empty(b, nq * d, dtype=q.dtype, device=q.device)
     seen = valid.view(torch.uint8)
-    decode_attention_split[(b, nkv, splits)](
+    decode_attention_split[(b, nq, splits)](
         q, k_new, v_new, keys, values, seen, slot, m, l, acc, scale,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, BLOCK=block, num_warps=4,
+        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, CHUNK=chunk, BLOCK=block, num_warps=num_warps,
+        num_stages=num_stages,
     )
     decode_attention_merge[(b, nq)](m, l, acc, slot, out, out.stride(0), NQ=nq, SPLITS=splits,
-                          SPLITS_P2=_next_power_of_2(splits), D=d, BLOCK=block, num_warps=4)
+                                    SPLITS_P2=_next_power_of_2(splits), D=d, CHUNK=chunk, num_warps=4)
     return out
 
 
