@@ -30,8 +30,9 @@ CASES = {  # name: rows, heads, head dim, layers, cache slots, fill lengths a ru
     "1b-image": (32, 16, 128, 24, 616, [60, 180, 300, 420, 540, 615]),
     "7b-text": (1, 32, 128, 30, 896, [650, 720, 790, 860, 895]),
 }
-CONFIGS = [dict(chunk=c, block=b, num_warps=w, num_stages=s)
-           for c, b, w, s in itertools.product((64, 128, 256), (16, 32, 64), (4, 8), (2, 3)) if b <= c]
+CONFIGS = [dict(chunk=c, block=64, num_warps=4, num_stages=2, dot=False) for c in (64, 128, 256)] + [
+    dict(chunk=c, block=b, num_warps=w, num_stages=s, dot=True)
+    for c, b, w, s in itertools.product((64, 128, 256, 512), (32, 64, 128), (4, 8), (2, 3)) if b <= c]
 
 
 def _time_graph(fn: Callable[[], None], replays: int) -> float:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, case in result["cases"].items():
         best = case["best"]
         print(f"{name}: sdpa {case['sdpa_bucket64_ms']:.3f} ms/step; best triton "
-              f"{best and {k: best[k] for k in ('chunk', 'block', 'num_warps', 'num_stages', 'ms', 'vs_sdpa', 'tb_s')}}",
+              f"{best and {k: best[k] for k in ('chunk', 'block', 'num_warps', 'num_stages', 'dot', 'ms', 'vs_sdpa', 'tb_s')}}",
               file=sys.stderr)
     return result
 

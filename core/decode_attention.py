@@ -71,8 +71,11 @@ def _kernels() -> tuple[Any, Any]:
     def decode_attention_split(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, valid_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
                                scale, sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l,
                                sval_b, NQ: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        """One (row, query head, chunk of CHUNK slots): online softmax over BLOCK slots at a time."""
+                               CHUNK: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr,
+                               PRECISION: tl.constexpr):
+        """One (row, query head, chunk of CHUNK slots): online softmax over BLOCK slots at a time. DOT: the two
+        products on tensor cores, the one query padded to 16 rows (K and V stay bf16 and go through shared memory);
+        otherwise as fp32 elementwise products and reductions."""
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -90,6 +93,37 @@ def _kernels() -> tuple[Any, Any]:
         if (slot < first + CHUNK) & (head % GROUP == 0):  # this chunk holds the write slot: store the new entry
             tl.store(k_rows + slot * skc_l + dim, k_new.to(kc_ptr.dtype.element_ty))
             tl.store(v_rows + slot * svc_l + dim, v_new.to(vc_ptr.dtype.element_ty))
+        if DOT:
+            pad = tl.arange(0, 16)
+            q16 = tl.load(q_ptr + b * sq_b + head * sq_h + dim[None, :] + 0 * pad[:, None], mask=pad[:, None] == 0,
+                          other=0.0)  # [16, D]: the query in row 0
+            top16 = tl.full([16], -float("inf"), tl.float32)
+            total16 = tl.zeros([16], dtype=tl.float32)
+            acc16 = tl.zeros([16, D], dtype=tl.float32)
+            for start in range(first, end, BLOCK):
+                pos = start + tl.arange(0, BLOCK)
+                inside = pos < end
+                k = tl.load(k_rows + pos[:, None] * skc_l + dim[None, :], mask=inside[:, None], other=0.0)
+                v = tl.load(v_rows + pos[:, None] * svc_l + dim[None, :], mask=inside[:, None], other=0.0)
+                here = (pos == slot)[:, None]
+                k = tl.where(here, k_new[None, :].to(k.dtype), k)
+                v = tl.where(here, v_new[None, :].to(v.dtype), v)
+                seen = (tl.load(valid_ptr + b * sval_b + pos, mask=inside, other=0) != 0) & inside
+                s16 = tl.dot(q16.to(k.dtype), tl.trans(k), input_precision=PRECISION) * scale  # [16, BLOCK]
+                s16 = tl.where(seen[None, :], s16, -float("inf"))
+                new16 = tl.maximum(top16, tl.max(s16, axis=1))
+                safe16 = tl.where(new16 == -float("inf"), 0.0, new16)
+                rescale16 = tl.exp(top16 - safe16)
+                p16 = tl.exp(s16 - safe16[:, None])
+                total16 = total16 * rescale16 + tl.sum(p16, axis=1)
+                acc16 = acc16 * rescale16[:, None] + tl.dot(p16.to(v.dtype), v, input_precision=PRECISION)
+                top16 = new16
+            out = (b * NQ + head) * SPLITS + split
+            first_row = pad == 0
+            tl.store(m_ptr + out + 0 * pad, top16, mask=first_row)
+            tl.store(l_ptr + out + 0 * pad, total16, mask=first_row)
+            tl.store(acc_ptr + out * D + dim[None, :] + 0 * pad[:, None], acc16, mask=first_row[:, None])
+            return
         q = tl.load(q_ptr + b * sq_b + head * sq_h + dim).to(tl.float32) * scale
         top = -float("inf")
         total = 0.0
@@ -139,12 +173,14 @@ def _kernels() -> tuple[Any, Any]:
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, scale: float,
-                     chunk: int = 128, *, block: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     chunk: int = 64, *, block: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     dot: bool = False) -> torch.Tensor:
     """:func:`decode_attention_reference`'s contract in two kernel launches, with no host sync (graph-safe).
 
     ``q``, ``k_new``, ``v_new`` may be strided views (read in place when their last dim is contiguous); ``valid``
     is ``[B, L]`` bool with the write slot already marked visible. Each program reads ``chunk`` slots, ``block`` at
-    a time (powers of two, ``block <= chunk``).
+    a time (powers of two, ``block <= chunk``); ``dot`` puts the products on tensor cores (bf16 P·V, as flash
+    attention does).
     """
     decode_attention_split, decode_attention_merge = _kernels()
     b, nq, d = q.shape
@@ -163,7 +199,9 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, k_new, v_new, keys, values, seen, slot, m, l, acc, scale,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, CHUNK=chunk, BLOCK=block, num_warps=num_warps,
+        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, CHUNK=chunk, BLOCK=block, DOT=dot,
+        PRECISION="ieee" if keys.dtype == torch.float32 else None,
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     decode_attention_merge[(b, nq)](m, l, acc, slot, out, out.stride(0), NQ=nq, SPLITS=splits,
