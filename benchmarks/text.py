@@ -143,11 +143,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="timed calls per path (after one warm-up)")
     parser.add_argument("--prompt-tokens", type=int, default=640)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--paths", default="ours-eager,ours-graph,ours-graph-compiled,ours-graph-compiled-triton,"
+    parser.add_argument("--paths", default="ours-eager,ours-graph,ours-graph-compiled,ours-graph-compiled-sdpa,"
                         "hf-dynamic,hf-static",
                         help="ours-graph-compiled: the graph loop with Inductor-compiled layer pieces; "
-                             "ours-graph-triton, ours-graph-compiled-triton: with the Triton decode attention "
-                             "(these three CUDA only)")
+                             "ours-graph-sdpa, ours-graph-compiled-sdpa: with SDPA instead of the Triton decode "
+                             "attention that 'auto' picks at batch 1 (these three CUDA only)")
     parser.add_argument("--json", action="store_true", help="print the JSON object (default: a short table)")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after each path)")
     return parser.parse_args(argv)
@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     high = min(adapter.vocab_size, len(adapter.tokenizer))
     prompt = torch.randint(10, high, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     graph_name = "ours-graph" if cuda else "ours-graph-free"
-    loops = {graph_name: FastLoop(FastOptions(graphs=cuda))}
+    loops = {graph_name: FastLoop(FastOptions(graphs=cuda))}  # attention "auto": Triton at batch 1 on CUDA
     if cuda:
         loops["ours-graph-compiled"] = FastLoop(FastOptions(compile="inductor"))
-        loops["ours-graph-triton"] = FastLoop(FastOptions(attention="triton"))
-        loops["ours-graph-compiled-triton"] = FastLoop(FastOptions(compile="inductor", attention="triton"))
+        loops["ours-graph-sdpa"] = FastLoop(FastOptions(attention="sdpa"))
+        loops["ours-graph-compiled-sdpa"] = FastLoop(FastOptions(compile="inductor", attention="sdpa"))
     paths: dict[str, Tokens] = {
         "ours-eager": ours_path(adapter, prompt),
         **{name: ours_path(adapter, prompt, loop) for name, loop in loops.items()},

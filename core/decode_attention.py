@@ -26,7 +26,34 @@ from typing import Any
 
 import torch
 
-__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_unavailable"]
+__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_unavailable", "few_programs",
+           "launch_config"]
+
+# Launch configurations measured best on an H200 (benchmarks/attention.py, results/attention-h200-*.json). Few
+# (row, head) pairs (text at batch 1): short chunks, so that the whole GPU reads; many (image batches with CFG): long
+# chunks through tensor cores, one or two per (row, head).
+FEW = dict(chunk=64, block=64, num_warps=4, num_stages=2, dot=False)
+MANY = dict(chunk=512, block=32, num_warps=4, num_stages=3, dot=True)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 128
+
+
+def few_programs(device: torch.device, rows: int, heads: int) -> bool:
+    """Fewer (row, head) pairs than multiprocessors: a kernel with one block per pair (SDPA's for one query)
+    leaves most of the GPU idle, and splitting each pair's slots over several programs pays."""
+    return rows * heads < _multiprocessors(device)
+
+
+def launch_config(device: torch.device, rows: int, heads: int, chunk: int = 0) -> dict[str, Any]:
+    """The kernels' launch configuration for this many rows and heads (``chunk`` > 0 overrides the chunk)."""
+    config = dict(FEW if few_programs(device, rows, heads) else MANY)
+    if chunk:
+        config["chunk"] = chunk
+        config["block"] = min(config["block"], chunk)
+    return config
 
 
 def decode_attention_unavailable(device: torch.device, head_dim: int) -> str | None:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from .cache import StaticKVCache
 from .cfg import pair_rows
-from .decode_attention import decode_attention, decode_attention_unavailable
+from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
 from .fused import _layer_pieces, _LayerWeights, _rms_norm, fuse_projections
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
@@ -87,9 +87,11 @@ class FastOptions:
 
     graphs: bool = True  # capture and replay CUDA graphs (CUDA only); False: run the same step code eagerly
     layers: Literal["fused", "transformers"] = "fused"
-    attention: Literal["sdpa", "flash", "triton"] = "sdpa"
+    # "auto": "triton" where few (row, head) pairs leave SDPA's kernels short of work (text at small batch) and the
+    # kernels can run, else "sdpa" (what measured fastest on an H200 for each; benchmarks/README.md)
+    attention: Literal["auto", "sdpa", "flash", "triton"] = "auto"
     bucket: int = 64  # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache)
-    split: int = 64  # "triton": cache positions each attention program reads (a power of two)
+    split: int = 0  # "triton": cache slots each attention program reads (a power of two; 0 = per launch_config)
     check_syncs: bool = False  # CUDA, graph-free: run each step under torch.cuda.set_sync_debug_mode("error")
     # fused layers: compile the two pure pieces of a layer with this torch.compile backend ("inductor" fuses rope,
     # the q/k/v split and SiLU·mul into fewer kernels); None: plain ops. Compiled once per shape, at the warm-up step.
@@ -98,10 +100,10 @@ class FastOptions:
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
             raise ValueError(f"`layers` must be 'fused' or 'transformers', got {self.layers!r}")
-        if self.attention not in ("sdpa", "flash", "triton"):
-            raise ValueError(f"`attention` must be 'sdpa', 'flash' or 'triton', got {self.attention!r}")
-        if not isinstance(self.split, int) or self.split < 16 or self.split & (self.split - 1):
-            raise ValueError(f"`split` must be a power of two >= 16, got {self.split!r}")
+        if self.attention not in ("auto", "sdpa", "flash", "triton"):
+            raise ValueError(f"`attention` must be 'auto', 'sdpa', 'flash' or 'triton', got {self.attention!r}")
+        if not isinstance(self.split, int) or self.split and (self.split < 16 or self.split & (self.split - 1)):
+            raise ValueError(f"`split` must be 0 or a power of two >= 16, got {self.split!r}")
         if not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
@@ -217,6 +219,7 @@ class _Stepper:
         self.attention = options.attention
         # slots each layer holds (a cache may allocate layers after a pruning layer shorter)
         self.capacity = list(getattr(cache, "capacity", [cache.max_len] * adapter.num_layers))
+        self.launch = launch_config(device, self.rows, adapter.num_heads, options.split)  # for "triton"
         if self.attention == "flash" and min(self.capacity) < cache.max_len:
             _say_once("fast path: layers with a shorter cache; attention uses the masked sdpa kernel instead of flash")
             self.attention = "sdpa"
@@ -442,7 +445,7 @@ class _Stepper:
             slot = self.slot[index: index + 1]
             keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
             if triton:  # the kernel writes k/v at the slot itself
-                out = decode_attention(q, k, v, keys, values, cache.valid[index], slot, w.scaling, self.options.split)
+                out = decode_attention(q, k, v, keys, values, cache.valid[index], slot, w.scaling, **self.launch)
             else:
                 keys.index_copy_(2, slot, k[:, :, None])
                 values.index_copy_(2, slot, v[:, :, None])
@@ -524,6 +527,11 @@ class FastLoop:
             else:
                 weights = fused
         attention = self.options.attention
+        if attention == "auto":
+            adapter = state.adapter
+            auto_ok = weights is not None and adapter.device.type == "cuda" \
+                and decode_attention_unavailable(adapter.device, adapter.head_dim) is None
+            attention = "triton" if auto_ok and few_programs(adapter.device, state.rows, adapter.num_heads) else "sdpa"
         if attention == "flash" and (state.adapter.device.type != "cuda" or weights is None):
             _say_once("fast path: flash attention needs CUDA and the fused layers; using sdpa")
             attention = "sdpa"

@@ -24,6 +24,7 @@ class ModelAdapter(Protocol):
     num_layers: int
     hidden_size: int
     intermediate_size: int  # the MLP's inner width
+    num_heads: int  # query heads
     num_kv_heads: int
     head_dim: int
     device: torch.device

@@ -41,6 +41,7 @@ class JanusAdapter:
         self.num_layers = len(self.layers)
         self.hidden_size = text_config.hidden_size
         self.intermediate_size = text_config.intermediate_size  # MLP width (FLOPs models)
+        self.num_heads = text_config.num_attention_heads
         self.num_kv_heads = text_config.num_key_value_heads
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.vocab_size = text_config.vocab_size

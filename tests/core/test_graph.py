@@ -98,6 +98,17 @@ def test_triton_attention_step_equals_core_loop(model, spec):
     assert loop.stats["attention"] == "triton" and loop.stats["graph_free_steps"] > 0
 
 
+def test_auto_attention_picks_by_rows_and_heads(model, monkeypatch):
+    """"auto": the Triton kernels only on CUDA with few (row, head) pairs; CPU runs (and many pairs) keep sdpa."""
+    loop = FastLoop(FastOptions(graphs=False))
+    _generate(model, Decoder(), loop)
+    assert loop.stats["attention"] == "sdpa"  # CPU: auto never picks the interpreter
+    from janus_decoding.core import decode_attention as kernels
+    assert kernels.few_programs(torch.device("cpu"), 1, 32) and not kernels.few_programs(torch.device("cpu"), 32, 32)
+    assert kernels.launch_config(torch.device("cpu"), 1, 32) == kernels.FEW
+    assert kernels.launch_config(torch.device("cpu"), 32, 32, chunk=32)["chunk"] == 32
+
+
 def test_triton_attention_falls_back_to_sdpa_where_it_cannot_run(model, monkeypatch):
     monkeypatch.setattr(graph_module, "_SAID", set())
     monkeypatch.setattr(graph_module, "decode_attention_unavailable", lambda device, head_dim: "no Triton here")
