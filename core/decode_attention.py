@@ -213,6 +213,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     b, nq, d = q.shape
     nkv, capacity = keys.shape[1], keys.shape[2]
     block = min(block, chunk)
+    if block < 16 or block & (block - 1) or chunk & (chunk - 1):
+        raise ValueError(f"decode_attention: chunk and block must be powers of two >= 16, got {chunk} and {block}")
     splits = -(-capacity // chunk)
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or valid.stride(-1) != 1:
         raise ValueError("decode_attention: the cache and its validity must be contiguous in their last dimension")

@@ -42,7 +42,7 @@ def test_equals_the_reference_fp32(seed, b, nkv, group, d, length, where, block,
     q, k, v, keys, values, valid, s = _case(seed, b, nkv, group, d, length, slot, torch.float32)
     ref_keys, ref_values = keys.clone(), values.clone()
     expected = decode_attention_reference(q, k, v, ref_keys, ref_values, valid, s, 0.3)
-    out = decode_attention(q, k, v, keys, values, valid, s, 0.3, block, block=block // 2, dot=dot)
+    out = decode_attention(q, k, v, keys, values, valid, s, 0.3, block, block=16, dot=dot)  # chunk 32: 2 blocks
     assert out.shape == (b, nkv * group * d) and out.dtype == q.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)  # written at the slot, nowhere else
@@ -80,6 +80,13 @@ def test_a_row_that_sees_only_the_new_slot_returns_its_value():
     valid[0, 33] = True  # row 0: left padding up to the slot (its blocks before it are wholly masked)
     out = decode_attention(q, k, v, keys, values, valid, s, 1.0, 16)
     torch.testing.assert_close(out[0], v[0, 0])
+
+
+def test_launch_sizes_are_checked():
+    """Tensor cores need 16 slots a block: smaller blocks are refused, not miscompiled."""
+    q, k, v, keys, values, valid, s = _case(3, 1, 1, 1, 16, 20, 5, torch.float32)
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        decode_attention(q, k, v, keys, values, valid, s, 1.0, 32, block=8)
 
 
 def test_reasons_it_cannot_run():
