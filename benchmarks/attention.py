@@ -13,6 +13,7 @@ Every configuration is checked against ``decode_attention_reference`` first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -23,15 +24,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from janus_decoding.core.decode_attention import decode_attention, decode_attention_reference
+from janus_decoding.core.decode_attention import Launch, decode_attention, decode_attention_reference
 
 CASES = {  # name: rows, heads, head dim, layers, cache slots, fill lengths a run passes through
     "7b-image": (32, 32, 128, 30, 616, [60, 180, 300, 420, 540, 615]),
     "1b-image": (32, 16, 128, 24, 616, [60, 180, 300, 420, 540, 615]),
     "7b-text": (1, 32, 128, 30, 896, [650, 720, 790, 860, 895]),
 }
-CONFIGS = [dict(chunk=c, block=64, num_warps=4, num_stages=2, dot=False) for c in (64, 128, 256)] + [
-    dict(chunk=c, block=b, num_warps=w, num_stages=s, dot=True)
+CONFIGS = [Launch(chunk=c, block=64, num_warps=4, num_stages=2, dot=False) for c in (64, 128, 256)] + [
+    Launch(chunk=c, block=b, num_warps=w, num_stages=s, dot=True)
     for c, b, w, s in itertools.product((64, 128, 256, 512), (32, 64, 128), (4, 8), (2, 3)) if b <= c]
 
 
@@ -56,7 +57,7 @@ def _time_graph(fn: Callable[[], None], replays: int) -> float:
     return statistics.median(times)
 
 
-def run_case(name: str, configs: list[dict[str, int]], replays: int, device: torch.device) -> dict[str, Any]:
+def run_case(name: str, configs: list[Launch], replays: int, device: torch.device) -> dict[str, Any]:
     rows, heads, d, layers, slots, fills = CASES[name]
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
@@ -80,10 +81,10 @@ def run_case(name: str, configs: list[dict[str, int]], replays: int, device: tor
                                                attn_mask=mask[:, None, None], scale=scale)
         return fn
 
-    def triton_layers(config: dict[str, int]) -> Callable[[], None]:
+    def triton_layers(config: Launch) -> Callable[[], None]:
         def fn() -> None:
             for kk, vv in zip(keys, values):
-                decode_attention(q, k, v, kk, vv, valid, slot, scale, **config)
+                decode_attention(q, k, v, kk, vv, valid, slot, scale, config)
         return fn
 
     def kv_bytes(fill: int) -> int:  # what attention must read: the filled slots of every layer
@@ -103,17 +104,17 @@ def run_case(name: str, configs: list[dict[str, int]], replays: int, device: tor
         kk, vv = keys[0].clone(), values[0].clone()
         expected = decode_attention_reference(q, k, v, keys[0].clone(), values[0].clone(), valid, slot, scale)
         try:
-            got = decode_attention(q, k, v, kk, vv, valid, slot, scale, **config)
+            got = decode_attention(q, k, v, kk, vv, valid, slot, scale, config)
             error = (got.float() - expected.float()).abs().max().item()
             times = []
             for fill in fills:
                 slot.fill_(fill)
                 times.append(_time_graph(triton_layers(config), replays))
-            entry = {**config, "ms": statistics.mean(times), "max_abs_err": error}
+            entry = {**dataclasses.asdict(config), "ms": statistics.mean(times), "max_abs_err": error}
             entry["vs_sdpa"] = entry["ms"] / result["sdpa_bucket64_ms"]
             entry["tb_s"] = result["kv_gb_per_step"] / entry["ms"]
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile is recorded, others run
-            entry = {**config, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            entry = {**dataclasses.asdict(config), "error": f"{type(exc).__name__}: {exc}"[:300]}
         result["configs"].append(entry)
         print(f"[attention] {name} {entry}", file=sys.stderr, flush=True)
     timed = [c for c in result["configs"] if "ms" in c]

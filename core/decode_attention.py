@@ -20,20 +20,43 @@ through Triton's interpreter, ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_unavailable", "few_programs",
-           "launch_config"]
+__all__ = ["Launch", "decode_attention", "decode_attention_reference", "decode_attention_unavailable",
+           "few_programs", "launch_config"]
 
-# Launch configurations measured best on an H200 (benchmarks/attention.py, results/attention-h200-*.json). Few
-# (row, head) pairs (text at batch 1): short chunks, so that the whole GPU reads; many (image batches with CFG): long
-# chunks through tensor cores, one or two per (row, head).
-FEW = dict(chunk=64, block=64, num_warps=4, num_stages=2, dot=False)
-MANY = dict(chunk=512, block=32, num_warps=4, num_stages=3, dot=True)
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernels are launched: each program reads ``chunk`` slots, ``block`` at a time; ``dot`` puts the
+    products on tensor cores (the one query padded to 16 rows, bf16 P·V as flash attention does)."""
+
+    chunk: int = 64
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    dot: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"Launch: `{name}` must be a power of two >= 16, got {value!r}")
+        if self.block > self.chunk:
+            raise ValueError(f"Launch: `block` ({self.block}) must not exceed `chunk` ({self.chunk})")
+
+
+# Measured best on an H200 (benchmarks/attention.py, results/attention-h200-*.json). Few (row, head) pairs (text at
+# batch 1): short chunks, so that the whole GPU reads; many (image batches with CFG): long chunks through tensor
+# cores, one or two per (row, head).
+FEW = Launch(chunk=64, block=64, num_warps=4, num_stages=2, dot=False)
+MANY = Launch(chunk=512, block=32, num_warps=4, num_stages=3, dot=True)
 
 
 @functools.cache
@@ -47,13 +70,12 @@ def few_programs(device: torch.device, rows: int, heads: int) -> bool:
     return rows * heads < _multiprocessors(device)
 
 
-def launch_config(device: torch.device, rows: int, heads: int, chunk: int = 0) -> dict[str, Any]:
-    """The kernels' launch configuration for this many rows and heads (``chunk`` > 0 overrides the chunk)."""
-    config = dict(FEW if few_programs(device, rows, heads) else MANY)
+def launch_config(device: torch.device, rows: int, heads: int, chunk: int = 0) -> Launch:
+    """The launch for this many rows and heads (``chunk`` > 0 overrides the chunk)."""
+    launch = FEW if few_programs(device, rows, heads) else MANY
     if chunk:
-        config["chunk"] = chunk
-        config["block"] = min(config["block"], chunk)
-    return config
+        launch = dataclasses.replace(launch, chunk=chunk, block=min(launch.block, chunk))
+    return launch
 
 
 def decode_attention_unavailable(device: torch.device, head_dim: int) -> str | None:
@@ -200,21 +222,16 @@ def _kernels() -> tuple[Any, Any]:
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, scale: float,
-                     chunk: int = 64, *, block: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     dot: bool = False) -> torch.Tensor:
+                     launch: Launch = FEW) -> torch.Tensor:
     """:func:`decode_attention_reference`'s contract in two kernel launches, with no host sync (graph-safe).
 
     ``q``, ``k_new``, ``v_new`` may be strided views (read in place when their last dim is contiguous); ``valid``
-    is ``[B, L]`` bool with the write slot already marked visible. Each program reads ``chunk`` slots, ``block`` at
-    a time (powers of two, ``block <= chunk``); ``dot`` puts the products on tensor cores (bf16 P·V, as flash
-    attention does).
+    is ``[B, L]`` bool with the write slot already marked visible.
     """
     decode_attention_split, decode_attention_merge = _kernels()
     b, nq, d = q.shape
     nkv, capacity = keys.shape[1], keys.shape[2]
-    block = min(block, chunk)
-    if block < 16 or block & (block - 1) or chunk & (chunk - 1):
-        raise ValueError(f"decode_attention: chunk and block must be powers of two >= 16, got {chunk} and {block}")
+    chunk = launch.chunk
     splits = -(-capacity // chunk)
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or valid.stride(-1) != 1:
         raise ValueError("decode_attention: the cache and its validity must be contiguous in their last dimension")
@@ -228,10 +245,9 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, k_new, v_new, keys, values, seen, slot, m, l, acc, scale,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, CHUNK=chunk, BLOCK=block, DOT=dot,
-        PRECISION="ieee" if keys.dtype == torch.float32 else None,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        seen.stride(0), NQ=nq, SPLITS=splits, GROUP=nq // nkv, D=d, CHUNK=chunk, BLOCK=launch.block,
+        DOT=launch.dot, PRECISION="ieee" if keys.dtype == torch.float32 else None, num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     decode_attention_merge[(b, nq)](m, l, acc, slot, out, out.stride(0), NQ=nq, SPLITS=splits,
                                     SPLITS_P2=_next_power_of_2(splits), D=d, CHUNK=chunk, num_warps=4)

@@ -445,7 +445,7 @@ class _Stepper:
             slot = self.slot[index: index + 1]
             keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
             if triton:  # the kernel writes k/v at the slot itself
-                out = decode_attention(q, k, v, keys, values, cache.valid[index], slot, w.scaling, **self.launch)
+                out = decode_attention(q, k, v, keys, values, cache.valid[index], slot, w.scaling, self.launch)
             else:
                 keys.index_copy_(2, slot, k[:, :, None])
                 values.index_copy_(2, slot, v[:, :, None])

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from janus_decoding.core.decode_attention import (decode_attention, decode_attention_reference,
+from janus_decoding.core.decode_attention import (Launch, decode_attention, decode_attention_reference,
                                                   decode_attention_unavailable)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,7 +42,7 @@ def test_equals_the_reference_fp32(seed, b, nkv, group, d, length, where, block,
     q, k, v, keys, values, valid, s = _case(seed, b, nkv, group, d, length, slot, torch.float32)
     ref_keys, ref_values = keys.clone(), values.clone()
     expected = decode_attention_reference(q, k, v, ref_keys, ref_values, valid, s, 0.3)
-    out = decode_attention(q, k, v, keys, values, valid, s, 0.3, block, block=16, dot=dot)  # chunk 32: 2 blocks
+    out = decode_attention(q, k, v, keys, values, valid, s, 0.3, Launch(block, 16, dot=dot))  # chunk 32: 2 blocks
     assert out.shape == (b, nkv * group * d) and out.dtype == q.dtype
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)  # written at the slot, nowhere else
@@ -60,7 +60,7 @@ def test_bf16_within_rounding_of_the_fp32_reference(slot, dot):
     ref_keys, ref_values = keys.clone(), values.clone()
     expected = decode_attention_reference(q.float(), k.float(), v.float(), ref_keys.float(), ref_values.float(),
                                           valid, s, 0.125)
-    out = decode_attention(q, k, v, keys, values, valid, s, 0.125, 32, block=16, dot=dot)
+    out = decode_attention(q, k, v, keys, values, valid, s, 0.125, Launch(32, 16, dot=dot))
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
     assert torch.equal(keys[:, :, slot], k) and torch.equal(values[:, :, slot], v)
 
@@ -68,25 +68,28 @@ def test_bf16_within_rounding_of_the_fp32_reference(slot, dot):
 def test_slots_past_the_write_slot_are_never_read():
     """Garbage (NaN, inf) after the slot, even marked valid, cannot reach the output: reads stop at the slot."""
     q, k, v, keys, values, valid, s = _case(1, 2, 2, 1, 32, 64, 20, torch.float32)
-    clean = decode_attention(q, k, v, keys.clone(), values.clone(), valid, s, 0.2, 16)
+    clean = decode_attention(q, k, v, keys.clone(), values.clone(), valid, s, 0.2, Launch(16, 16))
     keys[:, :, 21:], values[:, :, 21:] = float("nan"), float("inf")
     valid[:, 21:] = True
-    assert torch.equal(decode_attention(q, k, v, keys, values, valid, s, 0.2, 16), clean)
+    assert torch.equal(decode_attention(q, k, v, keys, values, valid, s, 0.2, Launch(16, 16)), clean)
 
 
 def test_a_row_that_sees_only_the_new_slot_returns_its_value():
     q, k, v, keys, values, valid, s = _case(2, 2, 1, 1, 16, 40, 33, torch.float32)
     valid[0] = False
     valid[0, 33] = True  # row 0: left padding up to the slot (its blocks before it are wholly masked)
-    out = decode_attention(q, k, v, keys, values, valid, s, 1.0, 16)
+    out = decode_attention(q, k, v, keys, values, valid, s, 1.0, Launch(16, 16))
     torch.testing.assert_close(out[0], v[0, 0])
 
 
 def test_launch_sizes_are_checked():
     """Tensor cores need 16 slots a block: smaller blocks are refused, not miscompiled."""
-    q, k, v, keys, values, valid, s = _case(3, 1, 1, 1, 16, 20, 5, torch.float32)
-    with pytest.raises(ValueError, match="powers of two >= 16"):
-        decode_attention(q, k, v, keys, values, valid, s, 1.0, 32, block=8)
+    with pytest.raises(ValueError, match="`block` must be a power of two >= 16"):
+        Launch(32, 8)
+    with pytest.raises(ValueError, match="`chunk` must be a power of two"):
+        Launch(48, 16)
+    with pytest.raises(ValueError, match="must not exceed"):
+        Launch(32, 64)
 
 
 def test_reasons_it_cannot_run():

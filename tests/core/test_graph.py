@@ -106,7 +106,8 @@ def test_auto_attention_picks_by_rows_and_heads(model, monkeypatch):
     from janus_decoding.core import decode_attention as kernels
     assert kernels.few_programs(torch.device("cpu"), 1, 32) and not kernels.few_programs(torch.device("cpu"), 32, 32)
     assert kernels.launch_config(torch.device("cpu"), 1, 32) == kernels.FEW
-    assert kernels.launch_config(torch.device("cpu"), 32, 32, chunk=32)["chunk"] == 32
+    assert kernels.launch_config(torch.device("cpu"), 32, 32) == kernels.MANY
+    assert kernels.launch_config(torch.device("cpu"), 32, 32, chunk=32) == kernels.Launch(32, 32, 4, 3, True)
 
 
 def test_triton_attention_falls_back_to_sdpa_where_it_cannot_run(model, monkeypatch):
