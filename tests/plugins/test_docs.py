@@ -75,3 +75,18 @@ def test_composition_doc_has_the_parsers_grammar():
     assert block, "docs/composition.md lacks an ```ebnf block"
     source = Path(spec.__file__).read_text(encoding="utf-8")  # the source, not __doc__: its backslashes are escaped
     assert _ebnf_lines(block.group(1)) == _ebnf_lines(source.split('"""')[1])
+
+
+def test_fast_path_page_lists_every_option():
+    """docs/fast-path.md's option table names each field of FastOptions with its default (so the two cannot drift)."""
+    import ast
+    import dataclasses
+
+    from janus_decoding.core.graph import FastOptions
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "fast-path.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", page, re.M))
+    for option in dataclasses.fields(FastOptions):
+        assert option.name in rows, f"docs/fast-path.md lacks a row for FastOptions.{option.name}"
+        assert ast.literal_eval(rows[option.name]) == option.default, \
+            f"docs/fast-path.md gives {option.name}'s default as {rows[option.name]}, the code {option.default!r}"
