@@ -84,6 +84,8 @@ def decode_attention_unavailable(device: torch.device, head_dim: int) -> str | N
         return f"head dim {head_dim} is not a power of two >= 16"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "the Triton kernels need compute capability 8.0 or newer (bf16 tensor cores)"
     try:
         import triton  # noqa: F401
     except ImportError:
