@@ -148,6 +148,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="ours-graph-compiled: the graph loop with Inductor-compiled layer pieces; "
                              "ours-graph-sdpa, ours-graph-compiled-sdpa: with SDPA instead of the Triton decode "
                              "attention that 'auto' picks at batch 1 (these three CUDA only)")
+    parser.add_argument("--profile", default=None, metavar="PATH",
+                        help="CUDA: one more call of this path under torch.profiler: GPU time per token by kernel "
+                             "group (benchmarks/kernels.py), e.g. ours-graph-compiled")
     parser.add_argument("--json", action="store_true", help="print the JSON object (default: a short table)")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after each path)")
     return parser.parse_args(argv)
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hf-static": hf_path(adapter, prompt, cache_implementation="static"),  # last: compile and its graph pools
     }
 
+    if args.profile is not None and (not cuda or args.profile not in paths):
+        raise SystemExit(f"--profile needs CUDA and one of {', '.join(paths)}; got {args.profile!r}")
+
     def describe(name: str, entry: dict[str, Any]) -> None:
         if name in loops:
             entry["last_run"] = json.loads(json.dumps(loops[name].stats, default=str))
@@ -215,6 +221,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["paths"][name], tokens[name] = measured
         if args.out:
             emit(result, args.out, show=False)
+    if args.profile is not None:
+        from .kernels import kernel_breakdown
+
+        print(f"[text] profile {args.profile}", file=sys.stderr, flush=True)
+        result["profile"] = attempt("profile", lambda: {"path": args.profile,
+                                                        **kernel_breakdown(paths[args.profile](new), new)})
     result["floor"] = floor = text_floor(adapter, args.prompt_tokens, new, ceilings)
     static = result["paths"].get("hf-static", {}).get("tok_s")
     result["ratios"] = {name: {"vs_hf_static": e["tok_s"] / static if static else None,
