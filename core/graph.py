@@ -16,7 +16,8 @@ Everything that changes from step to step is a device tensor advanced inside the
 the position ids, the cache slot each layer writes, the last tokens. A replay therefore needs no host work, and the
 host mirrors (``cache.fill``, ``state.step``) are advanced beside it.
 
-Attention reads only what is filled, three ways (``FastOptions.attention``):
+Attention reads only what is filled, three ways (``FastOptions.attention``; ``"auto"``, the default, takes
+``"triton"`` where few (row, head) pairs would leave SDPA's kernels short of work, else ``"sdpa"``):
 
 * ``"sdpa"``: ``scaled_dot_product_attention`` over a read length rounded up to a bucket of ``bucket`` slots, with a
   mask of the written, visible slots; one graph per bucket, captured when first needed (``bucket=0``: one graph
@@ -427,39 +428,43 @@ class _Stepper:
         return h[:, -1]
 
     def _fused_layers(self, embeds, length, wanted, captured) -> torch.Tensor:
-        adapter, cache = self.state.adapter, self.state.cache
-        b, d = self.rows, adapter.head_dim
-        nkv = adapter.num_kv_heads
+        adapter = self.state.adapter
+        d, nkv = adapter.head_dim, adapter.num_kv_heads
         h = embeds  # [B, H]
         cos = self.cos_table.index_select(0, self.pos)[:, None]  # [B, 1, D]
         sin = self.sin_table.index_select(0, self.pos)[:, None]
-        flash, triton = self.attention == "flash", self.attention == "triton"
-        masks = None if flash or triton else self._masks(length, h.dtype)
-        used = self._used_keys() if flash else None
+        masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
+        used = self._used_keys() if self.attention == "flash" else None
         first_half, second_half = _layer_pieces(self.options.compile)
         for index, w in enumerate(self.weights):
             if index in wanted:
                 captured[index] = h
             nq = w.o.shape[1] // d
             q, k, v = first_half(h, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv)
-            slot = self.slot[index: index + 1]
-            keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
-            if triton:  # the kernel writes k/v at the slot itself
-                out = decode_attention(q, k, v, keys, values, cache.valid[index], slot, w.scaling, self.launch)
-            else:
-                keys.index_copy_(2, slot, k[:, :, None])
-                values.index_copy_(2, slot, v[:, :, None])
-            if flash:
-                out = self._flash(q, keys, values, used[cache.group[index]], w.scaling)  # [B, nq·D]
-            elif not triton:
-                query = q.reshape(b, nkv, nq // nkv, d)  # one query token: GQA's shared heads as query rows
-                out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
-                                                     attn_mask=masks[index], scale=w.scaling)
-                out = out.reshape(b, nq * d)
+            out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
             h = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
         return h
+
+    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, length: int,
+                masks: list[torch.Tensor] | None, used: dict[int, torch.Tensor] | None) -> torch.Tensor:
+        """Layer ``index``'s attention for the new token: its k/v ``[B, nkv, D]`` written at the layer's slot, q
+        ``[B, nq, D]`` attending over the filled, visible slots → ``[B, nq·D]``."""
+        cache = self.state.cache
+        slot = self.slot[index: index + 1]
+        keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
+        if self.attention == "triton":  # the kernel writes k/v at the slot itself
+            return decode_attention(q, k, v, keys, values, cache.valid[index], slot, scale, self.launch)
+        keys.index_copy_(2, slot, k[:, :, None])
+        values.index_copy_(2, slot, v[:, :, None])
+        if self.attention == "flash":
+            return self._flash(q, keys, values, used[cache.group[index]], scale)
+        b, nq, d = q.shape
+        query = q.reshape(b, keys.shape[1], nq // keys.shape[1], d)  # one query token: GQA's shared heads as rows
+        out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
+                                             attn_mask=masks[index], scale=scale)
+        return out.reshape(b, nq * d)
 
     def _flash(self, q, keys, values, used, scale) -> torch.Tensor:
         """Flash attention over each row's first ``used`` slots of the ``[B, nkv, L, D]`` cache, read in place.
