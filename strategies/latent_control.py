@@ -33,7 +33,8 @@ from janus_decoding.core.protocol import KVAppend
 from janus_decoding.core.sampling import entropy_nats
 from janus_decoding.plugins.strategy import Param, Strategy, StrategyError
 
-from .latent_control_math import cosine, masked_mean, pool_window, shape_tokens, translate, trigger, window_variance
+from .latent_control_math import (cosine, left_pad, masked_mean, pool_window, shape_tokens, slide, translate, trigger,
+                                  window_variance)
 from .latent_control_modules import load_modules
 
 _THRESHOLDS = ("tau_drop", "tau_var", "tau_entropy", "tau_sim", "cooldown", "max_injections", "max_scale")
@@ -97,13 +98,8 @@ class LatentControl(Strategy):
     def begin(self, state) -> None:
         p, w, h, dev = state.num_pairs, self.config["window"], state.adapter.hidden_size, state.adapter.device
         self._t = {k: self.tensor(state, k) for k in _THRESHOLDS}
-        texts = [state.embed_text(text).float() for text in state.prompts]  # the plain user prompts, [T_i, H] each
-        length = max(t.shape[0] for t in texts)
-        self._prompt = torch.zeros(p, length, h, device=dev)  # [P, Tp, H], left-padded
-        self._prompt_valid = torch.zeros(p, length, dtype=torch.bool, device=dev)
-        for i, t in enumerate(texts):
-            self._prompt[i, length - t.shape[0]:] = t
-            self._prompt_valid[i, length - t.shape[0]:] = True
+        # the plain user prompts' embeddings, [P, Tp, H] left-padded
+        self._prompt, self._prompt_valid = left_pad([state.embed_text(text).float() for text in state.prompts])
         self._anchor = masked_mean(self._prompt, self._prompt_valid)  # [P, H]
         self._p = None  # the prompt's pooled hidden state at `layer`, after the prefill
         self._window = torch.zeros(p, w, h, device=dev)
@@ -125,12 +121,12 @@ class LatentControl(Strategy):
             return
         t = self._t
         h = split_branches(self._hidden.float(), state.layout)[0]  # [P, H]
-        self._window = torch.cat([self._window[:, 1:], h[:, None]], 1)
+        self._window = slide(self._window, h)
         self._seen = self._seen + 1
         self._memory, m = self._condense()
         s = cosine(m, self._p)
         prev = self._sims[:, -1]
-        self._sims = torch.cat([self._sims[:, 1:], s[:, None]], 1)
+        self._sims = slide(self._sims, s)
         self._s, self._m, self._u = s, m, entropy_nats(probs)
         self._since = self._since + 1
         self._fire = trigger(s, prev, (self._seen >= 2).expand_as(s), window_variance(self._sims, self._seen), self._u,

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pool_window", "cosine", "window_variance", "trigger", "translate", "shape_tokens", "masked_mean"]
+__all__ = ["pool_window", "cosine", "window_variance", "trigger", "translate", "shape_tokens", "masked_mean",
+           "left_pad", "slide"]
 
 _Scalar = float | int | torch.Tensor
 # Norm floor for cosines and unit vectors: below it a vector counts as zero (cos = 0, direction = 0).
@@ -41,6 +42,32 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """
     w = valid.to(x.dtype)[..., None]  # [P, T, 1]
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``[T_i, H]`` rows of different lengths into ``[P, T, H]`` (T = max T_i), each at the end, and the
+    ``[P, T]`` mask of real positions (the prompts' embeddings, left-padded as the model's prompts are).
+
+    Invariants:
+    - row i's last T_i positions are row i, marked valid; everything before is zero and invalid
+      (``test_left_pad_places_rows_at_the_end``)
+    """
+    length = max(r.shape[0] for r in rows)
+    padded = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])  # [P, T, H]
+    valid = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)  # [P, T]
+    for i, r in enumerate(rows):
+        padded[i, length - r.shape[0]:] = r
+        valid[i, length - r.shape[0]:] = True
+    return padded, valid
+
+
+def slide(buffer: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+    """A window ``[P, W, …]`` (oldest first) moved on by one: drop slot 0, append ``newest`` ``[P, …]``.
+
+    Invariants:
+    - the result is ``buffer[:, 1:]`` then ``newest``, and the buffer is not modified (``test_slide_drops_the_oldest``)
+    """
+    return torch.cat([buffer[:, 1:], newest[:, None]], 1)
 
 
 def pool_window(window: torch.Tensor, count: torch.Tensor | int, memory_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

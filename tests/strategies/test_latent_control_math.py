@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from janus_decoding.core.sampling import entropy_nats
 from janus_decoding.strategies import latent_control_math
-from janus_decoding.strategies.latent_control_math import (cosine, masked_mean, pool_window, shape_tokens, translate,
-                                                           trigger, window_variance)
+from janus_decoding.strategies.latent_control_math import (cosine, left_pad, masked_mean, pool_window, shape_tokens,
+                                                           slide, translate, trigger, window_variance)
 
 CI = settings(max_examples=60, deadline=None, derandomize=True)
 # Values on a 1/64 grid: exact in float32, so the formula's comparisons (ties included) agree with Python's.
@@ -202,6 +202,31 @@ def test_shape_tokens(c, anchor, k):
     assert torch.equal(tokens, tokens[:, :1].expand_as(tokens))
     assert torch.allclose((tokens[:, 0] - anchor).norm(dim=-1), anchor.norm(dim=-1) * c.norm(dim=-1), rtol=1e-4,
                           atol=1e-4)
+
+
+@CI
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+def test_left_pad_places_rows_at_the_end(lengths):
+    rows = [torch.randn(n, 3) for n in lengths]
+    padded, valid = left_pad(rows)
+    assert padded.shape == (len(rows), max(lengths), 3) and valid.shape == padded.shape[:2]
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        assert torch.equal(padded[i, padded.shape[1] - n:], row)
+        assert valid[i].tolist() == [False] * (padded.shape[1] - n) + [True] * n
+        assert not padded[i, : padded.shape[1] - n].any()
+
+
+@CI
+@given(tensors(2, 4), st.integers(1, 5))
+def test_slide_drops_the_oldest(newest, width):
+    buffer = torch.randn(2, width, 4)
+    before = buffer.clone()
+    moved = slide(buffer, newest)
+    assert moved.shape == buffer.shape
+    assert torch.equal(moved[:, :-1], before[:, 1:]) and torch.equal(moved[:, -1], newest)
+    assert torch.equal(buffer, before)
+    scalars = torch.arange(6.0).view(2, 3)  # [P, W] windows of scalars (the similarities) slide the same way
+    assert slide(scalars, torch.tensor([9.0, 8.0])).tolist() == [[1.0, 2.0, 9.0], [4.0, 5.0, 8.0]]
 
 
 def test_per_step_math_compiles_without_graph_breaks():
