@@ -213,9 +213,10 @@ def test_host_hooks_run_eagerly_between_fast_steps(model, strategy):
 
 
 @NO_CPU_TRITON
-@pytest.mark.parametrize("strategy", [_InjectAt5, _PrunePrompt], ids=["inject", "prune"])
-def test_triton_attention_with_masked_and_shorter_layers(model, strategy):
-    """A masked KV injection and a pruning layer (shorter layers with their own validity) through the kernels."""
+@pytest.mark.parametrize("strategy", [_RollbackOnce, _InjectAt5, _PrunePrompt], ids=["rollback", "inject", "prune"])
+def test_triton_attention_with_host_hooks(model, strategy):
+    """A schedule rollback (truncated cache), a masked KV injection and a pruning layer (shorter layers with their
+    own validity) through the kernels."""
     decoder = Decoder([strategy()])
     loop = FastLoop(FastOptions(graphs=False, attention="triton", split=32))
     with warnings.catch_warnings():
