@@ -53,6 +53,7 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-full": FastOptions(bucket=0),  # fused layers, sdpa over the whole cache (one graph)
     "graph-modules": FastOptions(layers="transformers"),  # transformers' layer modules, sdpa buckets
     "graph-compiled": FastOptions(compile="inductor"),  # fused layers with Inductor-compiled layer pieces
+    "graph-autotuned": FastOptions(compile="max-autotune"),  # the same, GEMMs timed against Triton templates
     # the project's split-KV decode attention instead of SDPA ("auto" picks SDPA at 16 images with CFG)
     "graph-triton": FastOptions(attention="triton"),
     "graph-compiled-triton": FastOptions(compile="inductor", attention="triton"),

@@ -25,7 +25,7 @@ def _group(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 12) -> dict[str, Any]:
+def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[str, Any]:
     """Run ``fn`` once under the profiler; GPU microseconds per step by group, kernel launches per step, top kernels."""
     from torch.profiler import ProfilerActivity, profile
 

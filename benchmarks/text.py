@@ -145,12 +145,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--paths", default="ours-eager,ours-graph,ours-graph-compiled,ours-graph-compiled-sdpa,"
                         "hf-dynamic,hf-static",
-                        help="ours-graph-compiled: the graph loop with Inductor-compiled layer pieces; "
+                        help="ours-graph-compiled: the graph loop with Inductor-compiled layer pieces; ours-graph-autotuned: "
+                             "the same with Inductor's GEMM autotuning (compile='max-autotune'); "
                              "ours-graph-sdpa, ours-graph-compiled-sdpa: with SDPA instead of the Triton decode "
                              "attention that 'auto' picks at batch 1 (these three CUDA only)")
     parser.add_argument("--profile", default=None, metavar="PATH",
-                        help="CUDA: one more call of this path under torch.profiler: GPU time per token by kernel "
-                             "group (benchmarks/kernels.py), e.g. ours-graph-compiled")
+                        help="CUDA: one more call of each of these paths (comma-separated) under torch.profiler: GPU "
+                             "time per token by kernel group (benchmarks/kernels.py), e.g. ours-graph-compiled")
     parser.add_argument("--json", action="store_true", help="print the JSON object (default: a short table)")
     parser.add_argument("--out", default=None, help="also write the JSON here (rewritten after each path)")
     return parser.parse_args(argv)
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loops = {graph_name: FastLoop(FastOptions(graphs=cuda))}  # attention "auto": Triton at batch 1 on CUDA
     if cuda:
         loops["ours-graph-compiled"] = FastLoop(FastOptions(compile="inductor"))
+        loops["ours-graph-autotuned"] = FastLoop(FastOptions(compile="max-autotune"))
         loops["ours-graph-sdpa"] = FastLoop(FastOptions(attention="sdpa"))
         loops["ours-graph-compiled-sdpa"] = FastLoop(FastOptions(compile="inductor", attention="sdpa"))
     paths: dict[str, Tokens] = {
@@ -197,8 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hf-static": hf_path(adapter, prompt, cache_implementation="static"),  # last: compile and its graph pools
     }
 
-    if args.profile is not None and (not cuda or args.profile not in paths):
-        raise SystemExit(f"--profile needs CUDA and one of {', '.join(paths)}; got {args.profile!r}")
+    profiled = args.profile.split(",") if args.profile else []
+    if profiled and (not cuda or any(name not in paths for name in profiled)):
+        raise SystemExit(f"--profile needs CUDA and paths among {', '.join(paths)}; got {args.profile!r}")
 
     def describe(name: str, entry: dict[str, Any]) -> None:
         if name in loops:
@@ -221,12 +224,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["paths"][name], tokens[name] = measured
         if args.out:
             emit(result, args.out, show=False)
-    if args.profile is not None:
+    if profiled:
         from .kernels import kernel_breakdown
 
-        print(f"[text] profile {args.profile}", file=sys.stderr, flush=True)
-        result["profile"] = attempt("profile", lambda: {"path": args.profile,
-                                                        **kernel_breakdown(paths[args.profile](new), new)})
+        for name in profiled:
+            print(f"[text] profile {name}", file=sys.stderr, flush=True)
+            key = "profile" if name == profiled[0] else f"profile_{name}"
+            result[key] = attempt("profile", lambda: {"path": name, **kernel_breakdown(paths[name](new), new)})
     result["floor"] = floor = text_floor(adapter, args.prompt_tokens, new, ceilings)
     static = result["paths"].get("hf-static", {}).get("tok_s")
     result["ratios"] = {name: {"vs_hf_static": e["tok_s"] / static if static else None,

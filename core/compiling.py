@@ -3,6 +3,10 @@
 The fast step's layer halves and strategies' per-step math (through ``state.compiled``) are compiled with static
 shapes and no graph breaks; keeping one wrapper per (function, backend) lets every layer, run and state reuse what
 dynamo and the backend built the first time a shape was seen.
+
+``"max-autotune"`` is Inductor with ``mode="max-autotune-no-cudagraphs"``: each GEMM is benchmarked at compile
+time against Inductor's Triton GEMM templates (which can also fuse the pointwise work after it) and the fastest is
+kept. The loop captures its own CUDA graphs, so Inductor's are off.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ from typing import Callable
 import torch
 
 _COMPILED: dict[tuple[Callable, str], Callable] = {}
+MAX_AUTOTUNE = "max-autotune"
 
 
 def compiled(fn: Callable, backend: str) -> Callable:
     """``fn`` through ``torch.compile(backend=backend, fullgraph=True, dynamic=False)``, made once."""
     key = (fn, backend)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+        if backend == MAX_AUTOTUNE:
+            _COMPILED[key] = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
+        else:
+            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
     return _COMPILED[key]

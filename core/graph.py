@@ -63,7 +63,7 @@ from .fused import _layer_pieces, _LayerWeights, _rms_norm, fuse_projections
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
-from .sampling import race, row_key_hash, row_uniforms_from, vocab_hash
+from .sampling import race_from, row_key_hash, vocab_hash
 from .state import StepState
 
 __all__ = ["EagerStepWarning", "FastLoop", "FastOptions", "fuse_projections"]
@@ -94,8 +94,10 @@ class FastOptions:
     bucket: int = 64  # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache)
     split: int = 0  # "triton": cache slots each attention program reads (a power of two; 0 = per launch_config)
     check_syncs: bool = False  # CUDA, graph-free: run each step under torch.cuda.set_sync_debug_mode("error")
-    # fused layers: compile the two pure pieces of a layer with this torch.compile backend ("inductor" fuses rope,
-    # the q/k/v split and SiLU·mul into fewer kernels); None: plain ops. Compiled once per shape, at the warm-up step.
+    # fused layers: compile the two pure pieces of a layer, the core's sampling math and strategies' `state.compiled`
+    # math with this torch.compile backend ("inductor" fuses rope, the q/k/v split, SiLU·mul, guidance and the row
+    # draw into fewer kernels; "max-autotune": Inductor also times Triton GEMM templates against cuBLAS per shape);
+    # None: plain ops. Compiled once per shape and process, at the warm-up step.
     compile: str | None = None
 
     def __post_init__(self) -> None:
@@ -176,7 +178,7 @@ class _RowDraw:
         self.key_hash.copy_(row_key_hash(state.rng_keys))
 
     def __call__(self, probs: torch.Tensor, state: StepState) -> torch.Tensor:
-        return race(probs, row_uniforms_from(self.key_hash, state.step_t, self.vocab_hashes))
+        return state.compiled(race_from)(probs, self.key_hash, state.step_t, self.vocab_hashes)
 
 
 @dataclass

@@ -15,9 +15,9 @@ import torch
 
 from .batch import PromptBatch
 from .cache import StaticKVCache
-from .cfg import apply_guidance, pair_rows, split_branches
+from .cfg import guide_rows, pair_rows
 from .protocol import HookRunner, KVAppend, KVEdit, LayerKeep, Rebuild, Rollback
-from .sampling import probabilities, sample_row_rng, sample_torch
+from .sampling import probabilities_and_flags, sample_row_rng, sample_torch
 from .state import StepState
 
 EOS_CHECK_EVERY = 8  # text mode: one host sync per this many tokens to see whether every row has finished
@@ -121,13 +121,17 @@ def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: tor
 
 
 def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
-    """pre-logits hooks → guidance (image mode) → post-CFG hooks → sample → record. ``[B, V]`` → ``[P]`` ids."""
+    """pre-logits hooks → guidance (image mode) → post-CFG hooks → sample → record. ``[B, V]`` → ``[P]`` ids.
+
+    The pure pieces between the hooks (guidance, the softmax with the NaN/inf flags, the row RNG's draw) go through
+    ``state.compiled``: a compiling fast loop fuses each into a kernel or two (the row draw alone is ~40 elementwise
+    ops), the eager loop runs them as written.
+    """
     logits = hooks.pre_logits(state, logits)
     if state.mode == "image":
-        cond, uncond = split_branches(logits, state.layout)
-        logits = apply_guidance(cond, uncond, state.current_cfg_weight())
+        logits = state.compiled(guide_rows)(logits, state.layout, state.current_cfg_weight())
     logits = hooks.post_cfg(state, logits)  # [P, V]
-    probs = probabilities(logits)
+    probs, bad = state.compiled(probabilities_and_flags)(logits)
     if sampler.greedy:
         tokens = torch.argmax(logits, dim=-1)
     elif sampler.rng == "row":
@@ -137,8 +141,7 @@ def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, samp
             tokens = sample_row_rng(probs, state.rng_keys, state.step_t)
     else:
         tokens = sample_torch(probs, sampler.generator)
-    # A row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if it has no finite entry: one reduction.
-    state.memory["_flags"] |= ~torch.isfinite(logits.amax(-1))
+    state.memory["_flags"] |= bad
     state.last_probs = probs
     record(state, tokens)
     hooks.after_sample(state, tokens, probs)

@@ -72,6 +72,13 @@ def race(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / -torch.log(uniforms), dim=-1)
 
 
+def race_from(probs: torch.Tensor, key_hash: torch.Tensor, step: torch.Tensor,
+              vocab_hashes: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_row_rng` from the precomputed hashes (what a replayed decode step runs): one pure function,
+    so a compiling loop fuses the hash rounds, the uniforms and the race into a kernel or two."""
+    return race(probs, row_uniforms_from(key_hash, step, vocab_hashes))
+
+
 def sample_row_rng(probs: torch.Tensor, keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Exponential race over fp32 probabilities ``[R, V]`` → ``[R]`` token ids; zero-probability tokens never win."""
     return race(probs, row_uniforms(keys, step, probs.shape[-1]))
@@ -85,6 +92,12 @@ def sample_torch(probs: torch.Tensor, generator: torch.Generator | None) -> torc
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """fp32 softmax of the final logits (a row of all ``-inf`` gives NaN, which the loop flags)."""
     return torch.softmax(logits.float(), dim=-1)
+
+
+def probabilities_and_flags(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`probabilities` and, per row, whether the logits cannot be sampled as they are ``[R]`` bool: a row's
+    max is NaN if it holds a NaN, +inf if it holds +inf, -inf if it has no finite entry (one reduction)."""
+    return probabilities(logits), ~torch.isfinite(logits.amax(-1))
 
 
 def entropy_nats(probs: torch.Tensor) -> torch.Tensor:
