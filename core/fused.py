@@ -1,8 +1,9 @@
 """The fast step's layer math: LLaMA blocks with fewer kernels, over weights concatenated once.
 
 A decoder layer for one new token per row, as two pure functions around attention (which the loop runs, since it
-owns the cache): ``_attention_inputs`` (rms norm → one q/k/v GEMM → rotary) and ``_layer_rest`` (output projection
-and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection and residual). ``fuse_projections``
+owns the cache): ``_attention_inputs`` (the previous MLP's residual → rms norm → one q/k/v GEMM → rotary) and
+``_layer_rest`` (output projection and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection, whose
+residual the next layer adds). Each residual add sits in front of a norm so that a compiler fuses the two. ``fuse_projections``
 concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them. ``_layer_pieces``
 hands the two functions out plain or through ``torch.compile`` (``core/compiling.py``: one wrapper per function
 and backend for the process).
@@ -19,7 +20,7 @@ from torch import nn
 
 from .compiling import compiled
 
-__all__ = ["fuse_projections"]
+__all__ = ["fuse_projections", "rms_norm"]
 
 
 @dataclass
@@ -97,31 +98,55 @@ def fuse_projections(adapter: Any) -> list[_LayerWeights] | str:
     return out
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A LLaMA RMS norm as one fused op (transformers' module runs ~7 kernels)."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _attention_inputs(h: torch.Tensor, ln: torch.Tensor, eps: float, qkv_weight: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, nq: int, nkv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A layer's first half up to attention: rms norm → one q/k/v GEMM → rotary. ``[B, H]`` → q ``[B, nq, D]``,
-    k and v ``[B, nkv, D]``. ``sin`` carries rotate-half's sign, so rotate_half(x)·sin = flip(x)·sin."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, matvec: bool) -> torch.Tensor:
+    """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``.
+
+    ``matvec`` (one row, compiled pieces only): written as a multiply-reduce in fp32 — the products of two bf16
+    numbers are exact in fp32, so this is a GEMM's arithmetic in another summation order. Inductor turns it into one
+    reduction kernel that reads each weight once at close to copy bandwidth, with the work that produces ``x`` (the
+    rms norm, SiLU·mul) fused in front and the residual add behind; at one row cuBLAS's split-K GEMV needs a second
+    reduction kernel (measured in benchmarks/README.md). Never run uncompiled: eagerly it would materialise
+    ``[M, N, K]``.
+    """
+    if matvec:
+        return (x.float()[:, None, :] * weight.float()[None]).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
+
+
+def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
+                      qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
+                      matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's first half up to attention: the previous layer's MLP residual → rms norm → one q/k/v GEMM →
+    rotary. ``h`` ``[B, H]`` plus ``delta`` (the previous MLP's output, None before layer 0) → the layer's input
+    ``h`` and q ``[B, nq, D]``, k and v ``[B, nkv, D]``. The residual add is done here so that a compiler fuses it
+    into the norm's kernel. ``sin`` carries rotate-half's sign, so rotate_half(x)·sin = flip(x)·sin."""
+    if delta is not None:
+        h = h + delta
     b, d = h.shape[0], cos.shape[-1]
-    qkv = F.linear(_rms_norm(h, ln, eps), qkv_weight)  # [B, (nq + 2·nkv)·D]
+    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, matvec)  # [B, (nq + 2·nkv)·D]
     qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
     v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
     turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
     qk = torch.addcmul(qk * cos, turned, sin)
-    return qk[:, :nq], qk[:, nq:], v
+    return h, qk[:, :nq], qk[:, nq:], v
 
 
 def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
-                gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-    """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down
-    + residual (the residual adds inside ``addmm``). ``[B, H]``, ``[B, nq·D]`` → ``[B, H]``."""
-    h = torch.addmm(h, attended, o_weight.t())
-    gate_up = F.linear(_rms_norm(h, ln, eps), gate_up_weight)  # [B, 2·I]
+                gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+                matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
+    ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
+    layer's first half (or the loop, after the last layer) adds. transformers' arithmetic: each projection rounded
+    to the dtype, then the residual added."""
+    h = h + _linear(attended, o_weight, matvec)
+    gate_up = _linear(rms_norm(h, ln, eps), gate_up_weight, matvec)  # [B, 2·I]
     inner = gate_up.shape[1] // 2
-    return torch.addmm(h, F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight.t())
+    return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, matvec)
 
 
 def _layer_pieces(backend: str | None) -> tuple[Callable, Callable]:

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
-from .fused import _layer_pieces, _LayerWeights, _rms_norm, fuse_projections
+from .fused import _layer_pieces, _LayerWeights, rms_norm, fuse_projections
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -380,7 +380,7 @@ class _Stepper:
         self.pos.add_(1)
         self.slot.add_(1)
         if self.weights is not None and self.final_norm is not None:
-            h = _rms_norm(h, *self.final_norm)
+            h = state.compiled(rms_norm)(h, *self.final_norm)
         else:
             h = adapter.final_norm(h)
         logits = adapter.head(h, state.mode)  # [B, V]
@@ -438,13 +438,16 @@ class _Stepper:
         masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
         used = self._used_keys() if self.attention == "flash" else None
         first_half, second_half = _layer_pieces(self.options.compile)
+        matvec = self.options.compile is not None and self.rows == 1  # one row: GEMVs as fused reductions
+        delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
+            nq = w.o.shape[1] // d
+            h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, matvec=matvec)
             if index in wanted:
                 captured[index] = h
-            nq = w.o.shape[1] // d
-            q, k, v = first_half(h, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv)
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
-            h = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down)
+            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, matvec=matvec)
+        h = h + delta
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
         return h

@@ -17,7 +17,7 @@ from .batch import PromptBatch
 from .cache import StaticKVCache
 from .cfg import guide_rows, pair_rows
 from .protocol import HookRunner, KVAppend, KVEdit, LayerKeep, Rebuild, Rollback
-from .sampling import probabilities_and_flags, sample_row_rng, sample_torch
+from .sampling import greedy, probabilities_and_flags, sample_row_rng, sample_torch
 from .state import StepState
 
 EOS_CHECK_EVERY = 8  # text mode: one host sync per this many tokens to see whether every row has finished
@@ -133,7 +133,7 @@ def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, samp
     logits = hooks.post_cfg(state, logits)  # [P, V]
     probs, bad = state.compiled(probabilities_and_flags)(logits)
     if sampler.greedy:
-        tokens = torch.argmax(logits, dim=-1)
+        tokens = state.compiled(greedy)(logits)  # compiled: a split reduction, not one block per row
     elif sampler.rng == "row":
         if sampler.row_draw is not None:
             tokens = sampler.row_draw(probs, state)

@@ -94,6 +94,11 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row ``[R, V]`` → ``[R]`` (the first one on ties, as ``torch.argmax``)."""
+    return torch.argmax(logits, dim=-1)
+
+
 def probabilities_and_flags(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`probabilities` and, per row, whether the logits cannot be sampled as they are ``[R]`` bool: a row's
     max is NaN if it holds a NaN, +inf if it holds +inf, -inf if it has no finite entry (one reduction)."""

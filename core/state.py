@@ -14,6 +14,7 @@ import torch
 from .cache import StaticKVCache
 from .cfg import guidance_weight, guide_rows
 from .compiling import compiled
+from .fused import rms_norm
 from .protocol import ModelAdapter, Mode, Trace
 
 if TYPE_CHECKING:
@@ -83,13 +84,22 @@ class StepState:
         return fn if self.compile_backend is None else compiled(fn, self.compile_backend)
 
     def heads(self, hidden: torch.Tensor, *, final_norm: bool) -> torch.Tensor:
-        """Run this mode's head (``gen_head`` or ``lm_head``) over ``[J, B, H]`` hidden states in ONE batched call."""
-        h = self.adapter.final_norm(hidden) if final_norm else hidden
+        """Run this mode's head (``gen_head`` or ``lm_head``) over ``[J, B, H]`` hidden states in ONE batched call.
+
+        In a compiling loop a LLaMA final norm runs as the fast step's fused rms norm (one kernel instead of the
+        module's seven), as the fast step's own final norm does."""
+        h = self._final_norm(hidden) if final_norm else hidden
         return self.adapter.head(h, self.mode)  # [J, B, V]
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = getattr(getattr(self.adapter, "lm", None), "norm", None)
+        if self.compile_backend is not None and hasattr(norm, "variance_epsilon") and hasattr(norm, "weight"):
+            return self.compiled(rms_norm)(hidden, norm.weight, float(norm.variance_epsilon))
+        return self.adapter.final_norm(hidden)
 
     def guide(self, rows: torch.Tensor) -> torch.Tensor:
         """Guide any ``[B, …]`` pair of logits exactly as the core guides the final ones → ``[P, …]``."""
-        return guide_rows(rows, self.layout, self.current_cfg_weight())
+        return self.compiled(guide_rows)(rows, self.layout, self.current_cfg_weight())
 
     def attention_scores(self, layer: int, position: int = -1) -> torch.Tensor:
         """Softmax attention ``[B, heads, L]`` that ``position`` of the prefill pays the cached keys of ``layer``.
