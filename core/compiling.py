@@ -17,6 +17,10 @@ import torch
 
 _COMPILED: dict[tuple[Callable, str], Callable] = {}
 MAX_AUTOTUNE = "max-autotune"
+# Inductor: time several launch configurations of each generated reduction and pointwise kernel at its first call,
+# then refine the best by coordinate descent (gpt-fast's setting). The one-row step's GEMVs are such reductions; with
+# Inductor's untimed heuristics they ran at ~60 % of copy bandwidth on an H200, timed at ~90 % (benchmarks/README.md).
+INDUCTOR_OPTIONS = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
 
 
 def compiled(fn: Callable, backend: str) -> Callable:
@@ -25,6 +29,9 @@ def compiled(fn: Callable, backend: str) -> Callable:
     if key not in _COMPILED:
         if backend == MAX_AUTOTUNE:
             _COMPILED[key] = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
+        elif backend == "inductor":
+            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
+                                           options=INDUCTOR_OPTIONS)
         else:
             _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
     return _COMPILED[key]

@@ -176,6 +176,27 @@ def test_cuda_graphs_replay_the_graph_free_text_step(tmp_path, spec, sampler, at
     _same(graphed, plain)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("which", ["janus", "llama"])
+def test_cuda_graphs_replay_the_one_row_compiled_step(tmp_path, which):
+    """One row, Inductor-compiled pieces (the GEMVs as timed reductions, the Triton attention): the replay gives
+    the graph-free compiled step's tokens, sampled and greedy."""
+    folder = write_tiny_checkpoint(tmp_path / "tiny", seed=0) if which == "janus" else \
+        write_tiny_llama(tmp_path / "tiny-llama", seed=0)
+    cuda = janus_decoding.load_model(str(folder), device="cuda", dtype="bf16")
+    row = [cuda.chat_prompt_ids(PROMPTS[0])]
+    for sampler in (Sampler(), Sampler(greedy=True)):
+        def go(loop):
+            with torch.inference_mode():
+                return run_text(cuda, Decoder(), row, max_new_tokens=NEW_TOKENS, sampler=sampler, seeds=[3],
+                                eos_id=None, loop=loop)
+
+        loop = FastLoop(FastOptions(compile="inductor"))
+        graphed = go(loop)
+        assert loop.stats["replays"] > 0
+        _same(graphed, go(FastLoop(FastOptions(graphs=False, compile="inductor"))))
+
+
 @pytest.mark.parametrize("spec", [
     'repetition_penalty(penalty=1.2) > dola > visual_prior_fusion(bank="cat,dog")',
     "token_pruning(layer=2, keep_ratio=0.5)",
