@@ -23,10 +23,24 @@ MAX_AUTOTUNE = "max-autotune"
 INDUCTOR_OPTIONS = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
 
 
+# Static shapes mean one compiled graph per shape a function meets: per batch size (rows), model, and for the layer
+# halves with or without a residual to add. dynamo's default of 8 per function is reached by a process that makes a
+# few batch sizes on two models, and with fullgraph=True reaching it is an error, not a fallback.
+RECOMPILE_LIMIT = 64
+
+
+def _allow_recompiles() -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < RECOMPILE_LIMIT:
+        setattr(config, name, RECOMPILE_LIMIT)
+
+
 def compiled(fn: Callable, backend: str) -> Callable:
     """``fn`` through ``torch.compile(backend=backend, fullgraph=True, dynamic=False)``, made once."""
     key = (fn, backend)
     if key not in _COMPILED:
+        _allow_recompiles()
         if backend == MAX_AUTOTUNE:
             _COMPILED[key] = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
         elif backend == "inductor":

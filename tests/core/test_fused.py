@@ -56,3 +56,19 @@ def test_layer_halves_matvec_equal_gemm():
     fused = _layer_rest(h, attended, o, ln2, 1e-6, gate_up, down, matvec=True)
     for a, b in zip(plain, fused):
         assert a.shape == b.shape == (1, hidden) and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_many_shapes_compile_without_hitting_dynamos_limit():
+    """One compiled wrapper per function for the process: a dozen batch sizes (and layer 0 without a residual)
+    compile without dynamo's recompile limit (8 by default; with fullgraph=True reaching it is an error)."""
+    from janus_decoding.core.compiling import compiled
+
+    first_half = compiled(_attention_inputs, "eager")
+    hidden, nq, nkv, d = 32, 2, 1, 16
+    qkv = _random(((nq + 2 * nkv) * d, hidden), 0)
+    for rows in range(1, 13):
+        h, cos, sin = _random((rows, hidden), rows), _random((rows, 1, d), 1), _random((rows, 1, d), 2)
+        for delta in (None, _random((rows, hidden), 3)):
+            out = first_half(h, delta, torch.ones(hidden), 1e-6, qkv, cos, sin, nq, nkv)
+            assert torch.equal(out[1], _attention_inputs(h, delta, torch.ones(hidden), 1e-6, qkv, cos, sin, nq,
+                                                         nkv)[1])
