@@ -15,12 +15,14 @@ from typing import Callable
 
 import torch
 
-_COMPILED: dict[tuple[Callable, str], Callable] = {}
+_COMPILED: dict[tuple[Callable, str, bool], Callable] = {}
 MAX_AUTOTUNE = "max-autotune"
-# Inductor: time several launch configurations of each generated reduction and pointwise kernel at its first call,
-# then refine the best by coordinate descent (gpt-fast's setting). The one-row step's GEMVs are such reductions; with
-# Inductor's untimed heuristics they ran at ~60 % of copy bandwidth on an H200, timed at ~90 % (benchmarks/README.md).
-INDUCTOR_OPTIONS = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
+# ``tune_reductions``: Inductor times several launch configurations of each generated reduction and pointwise
+# kernel at its first call, then refines the best by coordinate descent (gpt-fast's setting). The one-row step's
+# GEMVs are such reductions: with Inductor's untimed heuristics they ran at ~60 % of copy bandwidth on an H200, timed
+# at ~90 %. Only for them: on the image step (cuBLAS GEMMs, small kernels around them) timing made the 1B batch slower
+# (1.34 → 1.46 s; benchmarks/README.md).
+TUNED_OPTIONS = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
 
 
 # Static shapes mean one compiled graph per shape a function meets: per batch size (rows), model, and for the layer
@@ -36,16 +38,17 @@ def _allow_recompiles() -> None:
         setattr(config, name, RECOMPILE_LIMIT)
 
 
-def compiled(fn: Callable, backend: str) -> Callable:
-    """``fn`` through ``torch.compile(backend=backend, fullgraph=True, dynamic=False)``, made once."""
-    key = (fn, backend)
+def compiled(fn: Callable, backend: str, *, tune_reductions: bool = False) -> Callable:
+    """``fn`` through ``torch.compile(backend=backend, fullgraph=True, dynamic=False)``, made once per
+    (function, backend, tuning)."""
+    tune = tune_reductions and backend == "inductor"
+    key = (fn, backend, tune)
     if key not in _COMPILED:
         _allow_recompiles()
         if backend == MAX_AUTOTUNE:
             _COMPILED[key] = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
-        elif backend == "inductor":
-            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
-                                           options=INDUCTOR_OPTIONS)
+        elif tune:
+            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, options=TUNED_OPTIONS)
         else:
             _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
     return _COMPILED[key]

@@ -149,8 +149,10 @@ def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor,
     return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, matvec)
 
 
-def _layer_pieces(backend: str | None) -> tuple[Callable, Callable]:
-    """The two halves, plain or compiled with ``backend`` (every layer and run of the same shapes reuses them)."""
+def _layer_pieces(backend: str | None, matvec: bool = False) -> tuple[Callable, Callable]:
+    """The two halves, plain or compiled with ``backend`` (every layer and run of the same shapes reuses them);
+    ``matvec`` (one row): their GEMV reductions timed at compile (``compiling.TUNED_OPTIONS``)."""
     if backend is None:
         return _attention_inputs, _layer_rest
-    return compiled(_attention_inputs, backend), compiled(_layer_rest, backend)
+    return (compiled(_attention_inputs, backend, tune_reductions=matvec),
+            compiled(_layer_rest, backend, tune_reductions=matvec))

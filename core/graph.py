@@ -437,8 +437,8 @@ class _Stepper:
         sin = self.sin_table.index_select(0, self.pos)[:, None]
         masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
         used = self._used_keys() if self.attention == "flash" else None
-        first_half, second_half = _layer_pieces(self.options.compile)
         matvec = self.options.compile is not None and self.rows == 1  # one row: GEMVs as fused reductions
+        first_half, second_half = _layer_pieces(self.options.compile, matvec)
         delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
             nq = w.o.shape[1] // d
