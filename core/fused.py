@@ -20,7 +20,7 @@ from torch import nn
 
 from .compiling import compiled
 
-__all__ = ["fuse_projections", "rms_norm"]
+__all__ = ["final_rms_norm", "fuse_projections", "rms_norm"]
 
 
 @dataclass
@@ -96,6 +96,15 @@ def fuse_projections(adapter: Any) -> list[_LayerWeights] | str:
         ))
     adapter._fast_layer_weights = out
     return out
+
+
+def final_rms_norm(adapter: Any) -> tuple[torch.Tensor, float] | None:
+    """The weight and epsilon of the model's final norm when it is a LLaMA RMS norm (what :func:`rms_norm` needs to
+    stand in for it), else None."""
+    norm = getattr(getattr(adapter, "lm", None), "norm", None)
+    if hasattr(norm, "variance_epsilon") and isinstance(getattr(norm, "weight", None), torch.Tensor):
+        return norm.weight, float(norm.variance_epsilon)
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

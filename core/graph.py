@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
-from .fused import _layer_pieces, _LayerWeights, rms_norm, fuse_projections
+from .fused import _layer_pieces, _LayerWeights, final_rms_norm, fuse_projections, rms_norm
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -245,8 +245,7 @@ class _Stepper:
             probe = torch.zeros(1, 1, adapter.hidden_size, dtype=adapter.dtype, device=device)
             cos, sin = adapter.rotary(probe, positions)  # [1, 2L, D]
             self.cos_table, self.sin_table = cos[0], sin[0] * sign  # rotate_half(x)·sin = flip(x)·(sign·sin)
-            norm = getattr(getattr(adapter, "lm", None), "norm", None)
-            self.final_norm = (norm.weight, float(norm.variance_epsilon)) if hasattr(norm, "variance_epsilon") else None
+            self.final_norm = final_rms_norm(adapter)
         if self.attention == "flash":
             b = self.rows
             nkv, length = adapter.num_kv_heads, cache.max_len

@@ -14,7 +14,7 @@ import torch
 from .cache import StaticKVCache
 from .cfg import guidance_weight, guide_rows
 from .compiling import compiled
-from .fused import rms_norm
+from .fused import final_rms_norm, rms_norm
 from .protocol import ModelAdapter, Mode, Trace
 
 if TYPE_CHECKING:
@@ -92,10 +92,8 @@ class StepState:
         return self.adapter.head(h, self.mode)  # [J, B, V]
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm = getattr(getattr(self.adapter, "lm", None), "norm", None)
-        if self.compile_backend is not None and hasattr(norm, "variance_epsilon") and hasattr(norm, "weight"):
-            return self.compiled(rms_norm)(hidden, norm.weight, float(norm.variance_epsilon))
-        return self.adapter.final_norm(hidden)
+        rms = final_rms_norm(self.adapter) if self.compile_backend is not None else None
+        return self.adapter.final_norm(hidden) if rms is None else self.compiled(rms_norm)(hidden, *rms)
 
     def guide(self, rows: torch.Tensor) -> torch.Tensor:
         """Guide any ``[B, …]`` pair of logits exactly as the core guides the final ones → ``[P, …]``."""
