@@ -3,10 +3,10 @@
 A decoder layer for one new token per row, as two pure functions around attention (which the loop runs, since it
 owns the cache): ``_attention_inputs`` (the previous MLP's residual → rms norm → one q/k/v GEMM → rotary) and
 ``_layer_rest`` (output projection and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection, whose
-residual the next layer adds). Each residual add sits in front of a norm so that a compiler fuses the two. ``fuse_projections``
-concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them. ``_layer_pieces``
-hands the two functions out plain or through ``torch.compile`` (``core/compiling.py``: one wrapper per function
-and backend for the process).
+residual the next layer adds). Each residual add sits in front of a norm so that a compiler fuses the two.
+``fuse_projections`` concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them.
+``_layer_pieces`` hands the two functions out plain or through ``torch.compile`` (``core/compiling.py``: one
+wrapper per function and backend for the process).
 """
 
 from __future__ import annotations
