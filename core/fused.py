@@ -1,7 +1,8 @@
 """The fast step's layer math: LLaMA blocks with fewer kernels, over weights concatenated once.
 
-A decoder layer for one new token per row, as two pure functions around attention (which the loop runs, since it
-owns the cache): ``_attention_inputs`` (the previous MLP's residual → rms norm → one q/k/v GEMM → rotary) and
+A decoder layer for one new token per row, as two functions around attention (which the loop runs, since it owns
+the cache): ``_attention_inputs`` (the previous MLP's residual → rms norm → one q/k/v GEMM → rotary; pure) or
+``_attention_inputs_cached`` (the same, storing the new k/v into the cache it is handed) and
 ``_layer_rest`` (output projection and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection, whose
 residual the next layer adds). Each residual add sits in front of a norm so that a compiler fuses the two.
 ``fuse_projections`` concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them.
@@ -145,6 +146,23 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
     return h, qk[:, :nq], qk[:, nq:], v
 
 
+def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
+                             qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
+                             keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                             matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_attention_inputs` that also writes the new k and v at ``slot`` ``[1]`` of the layer's cache
+    ``keys``/``values`` ``[B, nkv, L, D]`` (in place) → ``h`` and q ``[B, nq, D]``.
+
+    Why here and not beside attention: compiled, the rotary kernel stores k and v straight into the cache (a
+    scatter store), where two ``index_copy_`` kernels per layer ran before (~3 µs each, 60 a step at the 7B shape);
+    q then gets a buffer of its own, so the k part is written only to the cache.
+    """
+    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, matvec)
+    keys.index_copy_(2, slot, k[:, :, None])
+    values.index_copy_(2, slot, v[:, :, None])
+    return h, (q.contiguous() if torch.compiler.is_compiling() else q)
+
+
 def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
                 matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,10 +176,13 @@ def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor,
     return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, matvec)
 
 
-def _layer_pieces(backend: str | None, matvec: bool = False) -> tuple[Callable, Callable]:
+def _layer_pieces(backend: str | None, matvec: bool = False,
+                  writes_cache: bool = False) -> tuple[Callable, Callable]:
     """The two halves, plain or compiled with ``backend`` (every layer and run of the same shapes reuses them);
-    ``matvec`` (one row): their GEMV reductions timed at compile (``compiling.TUNED_OPTIONS``)."""
+    ``matvec`` (one row): their GEMV reductions timed at compile (``compiling.TUNED_OPTIONS``); ``writes_cache``:
+    the first half is :func:`_attention_inputs_cached`."""
+    first = _attention_inputs_cached if writes_cache else _attention_inputs
     if backend is None:
-        return _attention_inputs, _layer_rest
-    return (compiled(_attention_inputs, backend, tune_reductions=matvec),
+        return first, _layer_rest
+    return (compiled(first, backend, tune_reductions=matvec),
             compiled(_layer_rest, backend, tune_reductions=matvec))

@@ -437,11 +437,18 @@ class _Stepper:
         masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
         used = self._used_keys() if self.attention == "flash" else None
         matvec = self.options.compile is not None and self.rows == 1  # one row: GEMVs as fused reductions
-        first_half, second_half = _layer_pieces(self.options.compile, matvec)
+        kernel_writes = self.attention == "triton"  # the decode kernel stores k/v itself; else the first half does
+        first_half, second_half = _layer_pieces(self.options.compile, matvec, writes_cache=not kernel_writes)
+        cache = self.state.cache
         delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
             nq = w.o.shape[1] // d
-            h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, matvec=matvec)
+            if kernel_writes:
+                h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, matvec=matvec)
+            else:
+                h, q = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, cache.keys[index],
+                                  cache.values[index], self.slot[index: index + 1], matvec=matvec)
+                k = v = None
             if index in wanted:
                 captured[index] = h
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
@@ -451,17 +458,16 @@ class _Stepper:
             captured[adapter.num_layers] = h
         return h
 
-    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, length: int,
-                masks: list[torch.Tensor] | None, used: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """Layer ``index``'s attention for the new token: its k/v ``[B, nkv, D]`` written at the layer's slot, q
-        ``[B, nq, D]`` attending over the filled, visible slots → ``[B, nq·D]``."""
+    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float,
+                length: int, masks: list[torch.Tensor] | None, used: dict[int, torch.Tensor] | None) -> torch.Tensor:
+        """Layer ``index``'s attention for the new token: q ``[B, nq, D]`` attending over the filled, visible slots
+        → ``[B, nq·D]``. The new k/v ``[B, nkv, D]`` are written at the layer's slot by the Triton kernel (passed
+        here) or already by the layer's first half (None)."""
         cache = self.state.cache
-        slot = self.slot[index: index + 1]
         keys, values = cache.keys[index], cache.values[index]  # [B, nkv, L, D]
         if self.attention == "triton":  # the kernel writes k/v at the slot itself
+            slot = self.slot[index: index + 1]
             return decode_attention(q, k, v, keys, values, cache.valid[index], slot, scale, self.launch)
-        keys.index_copy_(2, slot, k[:, :, None])
-        values.index_copy_(2, slot, v[:, :, None])
         if self.attention == "flash":
             return self._flash(q, keys, values, used[cache.group[index]], scale)
         b, nq, d = q.shape

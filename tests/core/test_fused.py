@@ -7,12 +7,13 @@ halves give the same outputs either way.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from janus_decoding.core.fused import _attention_inputs, _layer_rest, _linear
+from janus_decoding.core.fused import _attention_inputs, _attention_inputs_cached, _layer_rest, _linear
 
 
 def _random(shape, seed, dtype=torch.float32):
@@ -72,3 +73,27 @@ def test_many_shapes_compile_without_hitting_dynamos_limit():
             out = first_half(h, delta, torch.ones(hidden), 1e-6, qkv, cos, sin, nq, nkv)
             assert torch.equal(out[1], _attention_inputs(h, delta, torch.ones(hidden), 1e-6, qkv, cos, sin, nq,
                                                          nkv)[1])
+
+
+@pytest.mark.parametrize("backend", [None, "eager", "inductor"])
+def test_first_half_writes_its_slot_of_the_cache(backend):
+    """The first half that stores k/v (what the sdpa and flash steps use): q and h as the pure half gives them, the
+    new k and v at the slot of a cache with other entries, every other slot untouched — also through Inductor,
+    where the store is a scatter inside the rotary kernel and the cache is an input mutated in place."""
+    from janus_decoding.core.compiling import compiled
+
+    rows, hidden, nq, nkv, d, slots, slot = 3, 32, 4, 2, 8, 10, 6
+    h, delta = _random((rows, hidden), 0), _random((rows, hidden), 1)
+    qkv = _random(((nq + 2 * nkv) * d, hidden), 2) / hidden ** 0.5
+    cos, sin = _random((rows, 1, d), 3), _random((rows, 1, d), 4)
+    keys, values = _random((rows, nkv, slots, d), 5), _random((rows, nkv, slots, d), 6)
+    keys_before, values_before = keys.clone(), values.clone()
+    first = _attention_inputs_cached if backend is None else compiled(_attention_inputs_cached, backend)
+    got_h, got_q = first(h, delta, torch.ones(hidden), 1e-6, qkv, cos, sin, nq, nkv, keys, values,
+                         torch.tensor([slot]))
+    want_h, want_q, want_k, want_v = _attention_inputs(h, delta, torch.ones(hidden), 1e-6, qkv, cos, sin, nq, nkv)
+    assert torch.allclose(got_h, want_h) and torch.allclose(got_q, want_q, atol=1e-6)
+    assert torch.allclose(keys[:, :, slot], want_k, atol=1e-6) and torch.allclose(values[:, :, slot], want_v, atol=1e-6)
+    others = [s for s in range(slots) if s != slot]
+    assert torch.equal(keys[:, :, others], keys_before[:, :, others])
+    assert torch.equal(values[:, :, others], values_before[:, :, others])

@@ -131,7 +131,8 @@ def test_one_row_compiled_step_equals_core_loop(request, which, sampler, monkeyp
     calls = []
     original = fused._linear
     monkeypatch.setattr(fused, "_linear", lambda x, w, matvec: calls.append(matvec) or original(x, w, matvec))
-    monkeypatch.setattr(graph, "_layer_pieces", lambda backend, matvec: (fused._attention_inputs, fused._layer_rest))
+    monkeypatch.setattr(graph, "_layer_pieces", lambda backend, matvec, writes_cache: fused._layer_pieces(
+        None, matvec, writes_cache))
     _same(eager, go(FastLoop(FastOptions(graphs=False, compile="eager"))))
     assert calls and all(calls)  # every layer GEMV of the one-row step took the multiply-reduce
 
