@@ -2,7 +2,7 @@
 # Benchmarks on the GPU machine (no network), from the repository root of the working tree the device tool sends.
 #
 #   bash benchmarks/gpu.sh STAGE...      stages: tests | tiny | 1b | 7b | write-bg | load | repeat | text | scaling |
-#                                        attention
+#                                        attention | gemm
 #
 # `write-bg` starts writing the random 7B DeepSeek-format folder in the background (one CPU core) so that a later
 # `load` only waits for it. Per shape: GENERATE_ARGS_<shape> adds arguments, LIMIT_<shape> bounds the seconds,
@@ -72,6 +72,9 @@ PY
       timeout 560 python3 -m benchmarks.batch_scaling --shape 1b --prompts 64 -n 4 --micro-batch 16 --device cuda \
         --work /tmp/scaling --out "$OUT/batch_scaling-1b.json" 2>"$OUT/batch_scaling-1b.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || { tail -5 "$OUT/batch_scaling-1b.log"; status=1; } ;;
+    gemm)  # the image step's GEMMs alone: cuBLAS vs core/skinny_gemm.py's launch configurations
+      timeout "${LIMIT_gemm:-400}" python3 -m benchmarks.gemm --device cuda --out "$OUT/gemm.json" \
+        ${GEMM_ARGS:-} 2>"$OUT/gemm.log" >/dev/null; grep -v Warning "$OUT/gemm.log" | tail -12 ;;
     attention)  # the decode attention alone: SDPA over buckets vs the Triton kernels' launch configurations
       timeout "${LIMIT_attention:-400}" python3 -m benchmarks.attention --device cuda --out "$OUT/attention.json" \
         ${ATTENTION_ARGS:-} 2>"$OUT/attention.log" | tail -3; tail -3 "$OUT/attention.log" ;;
