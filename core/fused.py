@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compiling import compiled
+from .skinny_gemm import launch_for, skinny_gemm_unchecked
 
 __all__ = ["final_rms_norm", "fuse_projections", "rms_norm"]
 
@@ -113,24 +114,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, matvec: bool) -> torch.Tensor:
-    """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``.
+GEMM_FORMS = ("cublas", "matvec", "triton")
 
-    ``matvec`` (one row, compiled pieces only): written as a multiply-reduce in fp32 — the products of two bf16
-    numbers are exact in fp32, so this is a GEMM's arithmetic in another summation order. Inductor turns it into one
-    reduction kernel that reads each weight once at close to copy bandwidth, with the work that produces ``x`` (the
-    rms norm, SiLU·mul) fused in front and the residual add behind; at one row cuBLAS's split-K GEMV needs a second
-    reduction kernel (measured in benchmarks/README.md). Never run uncompiled: eagerly it would materialise
-    ``[M, N, K]``.
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas") -> torch.Tensor:
+    """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``, in one of three forms (``GEMM_FORMS``):
+
+    * ``"cublas"``: ``F.linear``.
+    * ``"matvec"`` (one row, compiled pieces only): a multiply-reduce in fp32 — the products of two bf16 numbers are
+      exact in fp32, so this is a GEMM's arithmetic in another summation order. Inductor turns it into one reduction
+      kernel that reads each weight once at close to copy bandwidth, with the work that produces ``x`` (the rms
+      norm, SiLU·mul) fused in front and the residual add behind; at one row cuBLAS's split-K GEMV needs a second
+      reduction kernel (measured in benchmarks/README.md). Never run uncompiled: eagerly it would materialise
+      ``[M, N, K]``.
+    * ``"triton"`` (2–64 rows, the image batch): :mod:`core.skinny_gemm`'s kernel, whose launch fills the GPU where
+      cuBLAS's tiles leave multiprocessors idle or add a split-K reduction (``benchmarks/gemm.py``).
     """
-    if matvec:
+    if gemm == "matvec":
         return (x.float()[:, None, :] * weight.float()[None]).sum(-1).to(x.dtype)
+    if gemm == "triton":
+        return skinny_gemm_unchecked(x, weight, launch_for(weight.shape[0], weight.shape[1]))
     return F.linear(x, weight)
 
 
 def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
                       qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
-                      matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A layer's first half up to attention: the previous layer's MLP residual → rms norm → one q/k/v GEMM →
     rotary. ``h`` ``[B, H]`` plus ``delta`` (the previous MLP's output, None before layer 0) → the layer's input
     ``h`` and q ``[B, nq, D]``, k and v ``[B, nkv, D]``. The residual add is done here so that a compiler fuses it
@@ -138,7 +147,7 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
     if delta is not None:
         h = h + delta
     b, d = h.shape[0], cos.shape[-1]
-    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, matvec)  # [B, (nq + 2·nkv)·D]
+    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, gemm)  # [B, (nq + 2·nkv)·D]
     qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
     v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
     turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
@@ -149,7 +158,7 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
 def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
                              qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
                              keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
-                             matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                             gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_attention_inputs` that also writes the new k and v at ``slot`` ``[1]`` of the layer's cache
     ``keys``/``values`` ``[B, nkv, L, D]`` (in place) → ``h`` and q ``[B, nq, D]``.
 
@@ -157,7 +166,7 @@ def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: to
     scatter store), where two ``index_copy_`` kernels per layer ran before (~3 µs each, 60 a step at the 7B shape);
     q then gets a buffer of its own, so the k part is written only to the cache.
     """
-    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, matvec)
+    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, gemm)
     keys.index_copy_(2, slot, k[:, :, None])
     values.index_copy_(2, slot, v[:, :, None])
     return h, (q.contiguous() if torch.compiler.is_compiling() else q)
@@ -165,24 +174,24 @@ def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: to
 
 def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-                matvec: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
     ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
     layer's first half (or the loop, after the last layer) adds. transformers' arithmetic: each projection rounded
     to the dtype, then the residual added."""
-    h = h + _linear(attended, o_weight, matvec)
-    gate_up = _linear(rms_norm(h, ln, eps), gate_up_weight, matvec)  # [B, 2·I]
+    h = h + _linear(attended, o_weight, gemm)
+    gate_up = _linear(rms_norm(h, ln, eps), gate_up_weight, gemm)  # [B, 2·I]
     inner = gate_up.shape[1] // 2
-    return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, matvec)
+    return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, gemm)
 
 
-def _layer_pieces(backend: str | None, matvec: bool = False,
+def _layer_pieces(backend: str | None, gemm: str = "cublas",
                   writes_cache: bool = False) -> tuple[Callable, Callable]:
     """The two halves, plain or compiled with ``backend`` (every layer and run of the same shapes reuses them);
-    ``matvec`` (one row): their GEMV reductions timed at compile (``compiling.TUNED_OPTIONS``); ``writes_cache``:
-    the first half is :func:`_attention_inputs_cached`."""
+    ``gemm="matvec"`` (one row): their GEMV reductions timed at compile (``compiling.TUNED_OPTIONS``);
+    ``writes_cache``: the first half is :func:`_attention_inputs_cached`."""
     first = _attention_inputs_cached if writes_cache else _attention_inputs
     if backend is None:
         return first, _layer_rest
-    return (compiled(first, backend, tune_reductions=matvec),
-            compiled(_layer_rest, backend, tune_reductions=matvec))
+    tune = gemm == "matvec"
+    return (compiled(first, backend, tune_reductions=tune), compiled(_layer_rest, backend, tune_reductions=tune))

@@ -60,6 +60,7 @@ from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
 from .fused import _layer_pieces, _LayerWeights, final_rms_norm, fuse_projections, rms_norm
+from .skinny_gemm import load_kernels, skinny_gemm_cannot_run
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -99,6 +100,11 @@ class FastOptions:
     # draw into fewer kernels; "max-autotune": Inductor also times Triton GEMM templates against cuBLAS per shape);
     # None: plain ops. Compiled once per shape and process, at the warm-up step.
     compile: str | None = None
+    # fused layers: the layer GEMMs as "cublas" (F.linear) or "triton" (core/skinny_gemm.py, up to 64 rows); "auto":
+    # "triton" for 17–32 rows on CUDA (the image batch of 16 with CFG, where it measured faster on an H200), the
+    # one-row multiply-reduce when compiling one row (text at batch 1), else "cublas"
+    # ("matvec" asks for that multiply-reduce; compiled pieces only)
+    gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -109,6 +115,8 @@ class FastOptions:
             raise ValueError(f"`split` must be 0 or a power of two >= 16, got {self.split!r}")
         if not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
+        if self.gemm not in ("auto", "cublas", "triton", "matvec"):
+            raise ValueError(f"`gemm` must be 'auto', 'cublas', 'triton' or 'matvec', got {self.gemm!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
             raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
 
@@ -436,23 +444,23 @@ class _Stepper:
         sin = self.sin_table.index_select(0, self.pos)[:, None]
         masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
         used = self._used_keys() if self.attention == "flash" else None
-        matvec = self.options.compile is not None and self.rows == 1  # one row: GEMVs as fused reductions
+        gemm = self.options.gemm  # resolved by FastLoop._gemm: "cublas", "matvec" (one row) or "triton"
         kernel_writes = self.attention == "triton"  # the decode kernel stores k/v itself; else the first half does
-        first_half, second_half = _layer_pieces(self.options.compile, matvec, writes_cache=not kernel_writes)
+        first_half, second_half = _layer_pieces(self.options.compile, gemm, writes_cache=not kernel_writes)
         cache = self.state.cache
         delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
             nq = w.o.shape[1] // d
             if kernel_writes:
-                h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, matvec=matvec)
+                h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, gemm=gemm)
             else:
                 h, q = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, cache.keys[index],
-                                  cache.values[index], self.slot[index: index + 1], matvec=matvec)
+                                  cache.values[index], self.slot[index: index + 1], gemm=gemm)
                 k = v = None
             if index in wanted:
                 captured[index] = h
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
-            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, matvec=matvec)
+            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm)
         h = h + delta
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
@@ -556,9 +564,33 @@ class FastLoop:
             if why is not None:
                 _say_once(f"fast path: the Triton decode attention cannot run ({why}); using sdpa")
                 attention = "sdpa"
-        options = dataclasses.replace(self.options, attention=attention)
+        options = dataclasses.replace(self.options, attention=attention, gemm=self._gemm(state, weights))
         return self._run(state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
                          pad_id)
+
+    def _gemm(self, state: StepState, weights: list[_LayerWeights] | None) -> str:
+        """The form of the fused layers' GEMMs for this run (``fused.GEMM_FORMS``; the options say why)."""
+        wanted, rows, device = self.options.gemm, state.rows, state.adapter.device
+        if weights is None:
+            return "cublas"
+        if wanted == "auto":
+            if rows == 1 and self.options.compile is not None:
+                return "matvec"
+            fits = device.type == "cuda" and 17 <= rows <= 32
+            wanted = "triton" if fits and skinny_gemm_cannot_run(device) is None else "cublas"
+        elif wanted == "triton":
+            why = f"{rows} rows are more than its 64" if rows > 64 else skinny_gemm_cannot_run(device)
+            if why is None and device.type != "cuda" and self.options.compile is not None:
+                why = "dynamo cannot trace Triton's interpreter; compiled pieces need CUDA for it"
+            if why is not None:
+                _say_once(f"fast path: the Triton GEMM cannot run ({why}); using cuBLAS")
+                return "cublas"
+        if wanted == "triton":
+            load_kernels()
+        if wanted == "matvec" and self.options.compile is None:
+            _say_once("fast path: gemm='matvec' needs compiled pieces (`compile`); using cuBLAS")
+            return "cublas"
+        return wanted
 
     def _run(self, state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
              pad_id) -> RunResult:
@@ -624,6 +656,6 @@ class FastLoop:
         else:
             lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
         hooks.end(state)
-        self.stats = {**stepper.stats, "attention": stepper.attention, "layers": "fused" if weights else "transformers",
-                      "graphs": graphs, "read_lens": sorted({k[1] for k in stepper.captured})}
+        self.stats = {**stepper.stats, "attention": stepper.attention, "gemm": options.gemm,
+                      "layers": "fused" if weights else "transformers", "graphs": graphs, "read_lens": sorted({k[1] for k in stepper.captured})}
         return RunResult(state.generated, lengths, state, state.memory["_flags"], sorted(boundaries))

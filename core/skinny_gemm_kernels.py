@@ -10,10 +10,12 @@ import triton.language as tl
 
 @triton.jit
 def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, som, sos,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WEIGHT_MAJOR: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WEIGHT_MAJOR: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """Program (n tile, split): ``out[split, :M, tile] = x[:M, ks] @ w[tile, ks].T`` over the split's ``k_per_split``
     columns ``ks`` (a multiple of BK), accumulated in fp32 in one fixed order. ``WEIGHT_MAJOR``: the product is
-    formed as ``w @ x.T`` (the weight tile as the MMA's first operand, as cuBLAS does), else ``x @ w.T``."""
+    formed as ``w @ x.T`` (the weight tile as the MMA's first operand, as cuBLAS does), else ``x @ w.T``.
+    ``PRECISION``: ``"ieee"`` for fp32 inputs (no TF32), None for bf16/fp16."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rn = tile * BN + tl.arange(0, BN)
@@ -34,9 +36,9 @@ def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, s
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         if WEIGHT_MAJOR:
-            acc = tl.dot(w, tl.trans(x), acc)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BK
         w_ptrs += BK
     out = out_ptr + split * sos + rm[:, None] * som + rn[None, :]

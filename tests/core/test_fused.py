@@ -1,6 +1,6 @@
 """The fused layer's one-row GEMVs (``matvec``): a multiply-reduce in fp32 is a GEMM's arithmetic in another order.
 
-What the compiled one-row step relies on: ``_linear`` with ``matvec=True`` equals ``F.linear`` within
+What the compiled one-row step relies on: ``_linear`` in its ``"matvec"`` form equals ``F.linear`` within
 summation-order rounding (fp32) and within one bf16 rounding of the exact result (bf16 inputs), and the two layer
 halves give the same outputs either way.
 """
@@ -24,7 +24,7 @@ def _random(shape, seed, dtype=torch.float32):
 @given(n=st.integers(1, 96), k=st.integers(1, 160), seed=st.integers(0, 2**16))
 def test_matvec_equals_linear_fp32(n, k, seed):
     x, w = _random((1, k), seed), _random((n, k), seed + 1)
-    got = _linear(x, w, True)
+    got = _linear(x, w, "matvec")
     assert got.shape == (1, n)
     assert torch.allclose(got, F.linear(x, w), rtol=1e-5, atol=1e-5 * k ** 0.5)
 
@@ -33,7 +33,7 @@ def test_matvec_bf16_rounds_once_from_fp32():
     """bf16 in, bf16 out: the fp32 sum of exact products, rounded once — within one bf16 step of the fp32 GEMM."""
     x, w = (_random(s, i, torch.bfloat16) for i, s in enumerate([(1, 512), (384, 512)]))
     exact = F.linear(x.double(), w.double())
-    got = _linear(x, w, True)
+    got = _linear(x, w, "matvec")
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.double(), exact, rtol=2 ** -8, atol=1e-6)
 
@@ -47,14 +47,14 @@ def test_layer_halves_matvec_equal_gemm():
     cos, sin = _random((1, 1, d), 4), _random((1, 1, d), 5)
     delta = _random((1, hidden), 10)
     plain = _attention_inputs(h, delta, ln1, 1e-6, qkv, cos, sin, nq, nkv)
-    fused = _attention_inputs(h, delta, ln1, 1e-6, qkv, cos, sin, nq, nkv, matvec=True)
+    fused = _attention_inputs(h, delta, ln1, 1e-6, qkv, cos, sin, nq, nkv, gemm="matvec")
     for a, b in zip(plain, fused):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     attended = _random((1, nq * d), 6)
     o, gate_up, down = (_random(s, 7 + i) / s[1] ** 0.5 for i, s in
                         enumerate([(hidden, nq * d), (2 * inner, hidden), (hidden, inner)]))
     plain = _layer_rest(h, attended, o, ln2, 1e-6, gate_up, down)
-    fused = _layer_rest(h, attended, o, ln2, 1e-6, gate_up, down, matvec=True)
+    fused = _layer_rest(h, attended, o, ln2, 1e-6, gate_up, down, gemm="matvec")
     for a, b in zip(plain, fused):
         assert a.shape == b.shape == (1, hidden) and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 

@@ -98,6 +98,31 @@ def test_triton_attention_step_equals_core_loop(model, spec):
     assert loop.stats["attention"] == "triton" and loop.stats["graph_free_steps"] > 0
 
 
+@NO_CPU_TRITON
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]])
+def test_triton_gemm_step_equals_core_loop(model, spec):
+    """The layer GEMMs through core/skinny_gemm.py (on CPU: Triton's interpreter) give the core loop's tokens (fp32:
+    only the summation order differs)."""
+    decoder = Decoder.from_spec(spec)
+    loop = FastLoop(FastOptions(graphs=False, gemm="triton"))
+    _same_run(_generate(model, decoder, run), _generate(model, decoder, loop))
+    assert loop.stats["gemm"] == "triton" and loop.stats["graph_free_steps"] > 0
+
+
+def test_gemm_form_by_rows_device_and_options(model):
+    """"auto" keeps cuBLAS on CPU; "triton" says once why it cannot run and falls back (compiled pieces on CPU:
+    dynamo cannot trace the interpreter); "matvec" without compiled pieces falls back too."""
+    loop = FastLoop(FastOptions(graphs=False))
+    _generate(model, Decoder(), loop)
+    assert loop.stats["gemm"] == "cublas"
+    for options in (FastOptions(graphs=False, gemm="triton", compile="eager"), FastOptions(graphs=False, gemm="matvec")):
+        graph_module._SAID.clear()
+        loop = FastLoop(options)
+        with pytest.warns(EagerStepWarning, match="Triton GEMM cannot run|gemm='matvec' needs"):
+            _generate(model, Decoder(), loop)
+        assert loop.stats["gemm"] == "cublas"
+
+
 def test_auto_attention_picks_by_rows_and_heads(model, monkeypatch):
     """"auto": the Triton kernels only on CUDA with few (row, head) pairs; CPU runs (and many pairs) keep sdpa."""
     loop = FastLoop(FastOptions(graphs=False))
@@ -258,6 +283,8 @@ def test_options_are_checked():
         FastOptions(split=48)
     with pytest.raises(ValueError, match="attention"):
         FastOptions(attention="xformers")
+    with pytest.raises(ValueError, match="gemm"):
+        FastOptions(gemm="cutlass")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -320,16 +347,18 @@ def test_generate_images_takes_fast_options(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_replay_the_compiled_step(folder):
-    """Inductor-compiled layer pieces and a strategy's compiled math (DoLa) captured and replayed: the replay gives
-    what the same compiled step gives without capture."""
+@pytest.mark.parametrize("gemm", ["auto", "triton"])
+def test_cuda_graphs_replay_the_compiled_step(folder, gemm):
+    """Inductor-compiled layer pieces (with cuBLAS or the Triton GEMM inside) and a strategy's compiled math (DoLa)
+    captured and replayed: the replay gives what the same compiled step gives without capture."""
     cuda = janus_decoding.load_model(str(folder), device="cuda", dtype="bf16")
     decoder = Decoder.from_spec("dola(layers=[0, 2])")
-    loop = FastLoop(FastOptions(bucket=8, compile="inductor"))
+    loop = FastLoop(FastOptions(bucket=8, compile="inductor", gemm=gemm))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EagerStepWarning)
         graphed = _generate(cuda, decoder, loop, SAME_PROMPT)
-        plain = _generate(cuda, decoder, FastLoop(FastOptions(graphs=False, bucket=8, compile="inductor")),
+        plain = _generate(cuda, decoder, FastLoop(FastOptions(graphs=False, bucket=8, compile="inductor", gemm=gemm)),
                           SAME_PROMPT)
     assert loop.stats["replays"] > 0 and graphed.state.compile_backend == "inductor"
+    assert loop.stats["gemm"] == ("triton" if gemm == "triton" else "cublas")  # 6 rows: auto keeps cuBLAS
     _same_run(graphed, plain)

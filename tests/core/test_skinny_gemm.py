@@ -1,0 +1,78 @@
+"""The Triton GEMM for a few rows (``core/skinny_gemm.py``): on CUDA, or on CPU through Triton's interpreter
+(tests/conftest.py), whose ``tl.dot`` is wrong for bf16 (Triton 3.8), so the bf16 test needs CUDA.
+
+It must equal ``F.linear`` up to summation order for every shape and launch — ragged N and K (masked tiles), K split
+into parts summed in order, either operand order for the tensor cores — and refuse what it cannot do in one line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from janus_decoding.core.skinny_gemm import GemmLaunch, launch_for, skinny_gemm, skinny_gemm_cannot_run
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(skinny_gemm_cannot_run(DEVICE) is not None, reason="no CUDA and no Triton interpreter")
+
+LAUNCHES = st.builds(GemmLaunch, bn=st.sampled_from([16, 32, 64]), bk=st.sampled_from([16, 32, 64]),
+                     splits=st.integers(1, 4), num_warps=st.just(4), num_stages=st.just(2),
+                     weight_major=st.booleans())
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 200), launch=LAUNCHES, seed=st.integers(0, 999))
+def test_equals_linear(m, n, k, launch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=gen).to(DEVICE), torch.randn(n, k, generator=gen).to(DEVICE)
+    got = skinny_gemm(x, w, launch)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the interpreter's tl.dot is wrong for bf16")
+def test_bf16_is_one_rounding_of_the_fp32_sum():
+    """bf16 in and out, K split in three: within one bf16 step of the exact product (the sum stays fp32)."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = (torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16) for s in [(32, 384), (96, 384)])
+    got = skinny_gemm(x, w, GemmLaunch(bn=32, bk=64, splits=3, num_stages=2))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w.double()), rtol=2 ** -8, atol=1e-6)
+    assert torch.equal(got, skinny_gemm(x, w, GemmLaunch(bn=32, bk=64, splits=3, num_stages=2)))  # bit for bit
+
+
+def test_a_strided_view_of_concatenated_weights():
+    """The fused layers hand it row views of a concatenation (q/k/v): rows with a stride, not a copy."""
+    gen = torch.Generator().manual_seed(2)
+    fused = torch.randn(3 * 48, 80, generator=gen).to(DEVICE)
+    x = torch.randn(5, 80, generator=gen).to(DEVICE)
+    part = fused[48:96]
+    torch.testing.assert_close(skinny_gemm(x, part), F.linear(x, part), rtol=1e-5, atol=1e-4)
+
+
+def test_launch_rule():
+    """K split only where K > N (the down projection), into as many parts as bring the programs to ~128."""
+    assert launch_for(12288, 4096).splits == 1 and launch_for(4096, 4096).splits == 1
+    assert launch_for(4096, 11008).splits == 2 and launch_for(2048, 5632).splits == 4
+    assert launch_for(64, 9000).splits == 4
+
+
+@pytest.mark.parametrize("x, w, match", [
+    (torch.zeros(2, 8), torch.zeros(4, 9), "needs x"),
+    (torch.zeros(65, 8), torch.zeros(4, 8), "at most 64 rows"),
+    (torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.float64), "x is torch.float32"),
+    (torch.zeros(8, 2).t(), torch.zeros(4, 8), "contiguous rows"),
+])
+def test_refuses_in_one_line(x, w, match):
+    with pytest.raises(ValueError, match=match):
+        skinny_gemm(x, w)
+
+
+def test_launch_is_checked():
+    with pytest.raises(ValueError, match="bn"):
+        GemmLaunch(bn=48)
+    with pytest.raises(ValueError, match="splits"):
+        GemmLaunch(splits=0)
