@@ -178,12 +178,9 @@ def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor,
     """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
     ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
     layer's first half (or the loop, after the last layer) adds. transformers' arithmetic: each projection rounded
-    to the dtype, then the residual added. With ``gemm="triton"`` the SiLU·mul is rounded once (fp32 inside the
-    down projection's kernel), as Inductor's fused kernel rounds it; eagerly PyTorch rounds the SiLU and the product."""
+    to the dtype, then the residual added."""
     h = h + _linear(attended, o_weight, gemm)
     gate_up = _linear(rms_norm(h, ln, eps), gate_up_weight, gemm)  # [B, 2·I]
-    if gemm == "triton":  # the SiLU·mul formed inside the down projection's kernel, per tile
-        return h, skinny_gemm_unchecked(gate_up, down_weight, launch_for(*down_weight.shape), glu=True)
     inner = gate_up.shape[1] // 2
     return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, gemm)
 

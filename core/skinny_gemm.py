@@ -40,13 +40,10 @@ class GemmLaunch:
             raise ValueError(f"GemmLaunch: `splits` must be >= 1, got {self.splits}")
 
 
-def skinny_gemm_unavailable(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> str | None:
-    """Why the kernel cannot compute ``x @ w.T`` (``glu``: ``silu(gate) · up`` of ``x = [gate | up]``) here, or
-    None."""
-    width = 2 * w.shape[-1] if glu else w.shape[-1]
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != width:
-        wanted = "[M, 2K] (gate | up)" if glu else "[M, K]"
-        return f"skinny_gemm: needs x {wanted} and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
+def skinny_gemm_unavailable(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Why the kernel cannot compute ``x @ w.T`` here, or None."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        return f"skinny_gemm: needs x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
     if x.stride(1) != 1 or w.stride(1) != 1:
         return "skinny_gemm: x and w need contiguous rows"
     if x.shape[0] > 64:
@@ -98,23 +95,21 @@ def launch_for(n: int, k: int) -> GemmLaunch:
     return GemmLaunch(bn=64, bk=128, splits=splits, num_warps=4, num_stages=4, weight_major=True)
 
 
-def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = None, *,
-                glu: bool = False) -> torch.Tensor:
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = None) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``w`` ``[N, K]``.T → ``[M, N]`` in ``x``'s dtype (M ≤ 64); ``launch`` defaults to
-    :func:`launch_for` the shape. ``glu``: ``x`` is ``[M, 2K]``, a gated MLP's gate and up halves, and the product
-    is ``(silu(gate) · up) @ w.T`` — the down projection with the SiLU·mul in front of it, in one kernel."""
-    reason = skinny_gemm_unavailable(x, w, glu)
+    :func:`launch_for` the shape."""
+    reason = skinny_gemm_unavailable(x, w)
     if reason:
         raise ValueError(reason)
     load_kernels()
-    return skinny_gemm_unchecked(x, w, launch or launch_for(w.shape[0], w.shape[1]), glu=glu)
+    return skinny_gemm_unchecked(x, w, launch or launch_for(w.shape[0], w.shape[1]))
 
 
-def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch, *, glu: bool = False) -> torch.Tensor:
+def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch) -> torch.Tensor:
     """:func:`skinny_gemm` without its checks, for the compiled layer (the caller checked once and called
     :func:`load_kernels`)."""
-    m = x.shape[0]
-    n, k = w.shape
+    m, k = x.shape
+    n = w.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     splits = min(launch.splits, -(-k // launch.bk))
     k_per_split = -(-k // (splits * launch.bk)) * launch.bk
@@ -124,7 +119,7 @@ def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch, 
         x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), part.stride(-2),
         part.stride(0) if splits > 1 else 0, BM=_rows_block(m), BN=launch.bn, BK=launch.bk,
         WEIGHT_MAJOR=launch.weight_major,
-        PRECISION="ieee" if x.dtype == torch.float32 else None, GLU=glu, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         block = 1024

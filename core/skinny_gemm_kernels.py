@@ -11,13 +11,11 @@ import triton.language as tl
 @triton.jit
 def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, som, sos,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WEIGHT_MAJOR: tl.constexpr,
-                        PRECISION: tl.constexpr, GLU: tl.constexpr):
+                        PRECISION: tl.constexpr):
     """Program (n tile, split): ``out[split, :M, tile] = x[:M, ks] @ w[tile, ks].T`` over the split's ``k_per_split``
     columns ``ks`` (a multiple of BK), accumulated in fp32 in one fixed order. ``WEIGHT_MAJOR``: the product is
     formed as ``w @ x.T`` (the weight tile as the MMA's first operand, as cuBLAS does), else ``x @ w.T``.
-    ``PRECISION``: ``"ieee"`` for fp32 inputs (no TF32), None for bf16/fp16. ``GLU``: ``x`` is ``[M, 2K]`` (a gated
-    MLP's gate and up halves) and the operand is ``silu(gate) · up``, formed per tile in fp32 and rounded once to the
-    input dtype, as Inductor's fused SiLU·mul does — so the MLP's product never goes through memory."""
+    ``PRECISION``: ``"ieee"`` for fp32 inputs (no TF32), None for bf16/fp16."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rn = tile * BN + tl.arange(0, BN)
@@ -36,10 +34,6 @@ def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, s
     for k in range(k_start, k_stop, BK):
         k_ok = (k + tl.arange(0, BK))[None, :] < k_stop
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
-        if GLU:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptrs + K, mask=row_ok & k_ok, other=0.0).to(tl.float32)
-            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         if WEIGHT_MAJOR:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
