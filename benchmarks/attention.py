@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from janus_decoding.core.decode_attention import Launch, decode_attention, decode_attention_reference
 
+from .graph_timing import time_graph
+
 CASES = {  # name: rows, heads, head dim, layers, cache slots, fill lengths a run passes through
     "7b-image": (32, 32, 128, 30, 616, [60, 180, 300, 420, 540, 615]),
     "1b-image": (32, 16, 128, 24, 616, [60, 180, 300, 420, 540, 615]),
@@ -34,27 +36,6 @@ CASES = {  # name: rows, heads, head dim, layers, cache slots, fill lengths a ru
 CONFIGS = [Launch(chunk=c, block=64, num_warps=4, num_stages=2, dot=False) for c in (64, 128, 256)] + [
     Launch(chunk=c, block=b, num_warps=w, num_stages=s, dot=True)
     for c, b, w, s in itertools.product((64, 128, 256, 512), (32, 64, 128), (4, 8), (2, 3)) if b <= c]
-
-
-def _time_graph(fn: Callable[[], None], replays: int) -> float:
-    """Median ms of one replay of ``fn`` captured as a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up (compiles Triton kernels, picks cuDNN plans)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_case(name: str, configs: list[Launch], replays: int, device: torch.device) -> dict[str, Any]:
@@ -96,7 +77,7 @@ def run_case(name: str, configs: list[Launch], replays: int, device: torch.devic
     for fill in fills:
         slot.fill_(fill)
         read = min(slots, -(-(fill + 1) // 64) * 64)
-        sdpa.append(_time_graph(sdpa_layers(read), replays))
+        sdpa.append(time_graph(sdpa_layers(read), replays))
     result["sdpa_bucket64_ms"] = statistics.mean(sdpa)
     result["kv_gb_per_step"] = statistics.mean(kv_bytes(f) for f in fills) / 1e9
     for config in configs:
@@ -109,7 +90,7 @@ def run_case(name: str, configs: list[Launch], replays: int, device: torch.devic
             times = []
             for fill in fills:
                 slot.fill_(fill)
-                times.append(_time_graph(triton_layers(config), replays))
+                times.append(time_graph(triton_layers(config), replays))
             entry = {**dataclasses.asdict(config), "ms": statistics.mean(times), "max_abs_err": error}
             entry["vs_sdpa"] = entry["ms"] / result["sdpa_bucket64_ms"]
             entry["tb_s"] = result["kv_gb_per_step"] / entry["ms"]

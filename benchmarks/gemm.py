@@ -15,7 +15,6 @@ import argparse
 import datetime as _dt
 import itertools
 import json
-import statistics
 import sys
 from typing import Any, Callable
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from janus_decoding.core.skinny_gemm import GemmLaunch, skinny_gemm
+
+from .graph_timing import time_graph
 
 SHAPES = {  # name: (N, K, layers)
     "7b-qkv": (12288, 4096, 30), "7b-o": (4096, 4096, 30), "7b-gate_up": (22016, 4096, 30),
@@ -33,27 +34,6 @@ CONFIGS = [GemmLaunch(bn=bn, bk=bk, splits=s, num_warps=w, num_stages=st, weight
            for bn, bk, s, w, st, wm in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4), (4,), (3, 4, 6),
                                                            (True, False))
            if bn * bk <= 16384]
-
-
-def _time_graph(fn: Callable[[], None], replays: int) -> float:
-    """Median ms of one replay of ``fn`` captured as a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, device: torch.device) -> dict[str, Any]:
@@ -67,7 +47,7 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
     scale = reference.abs().max().item()
 
     def per_gemm_us(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        return _time_graph(lambda: [fn(w) for w in weights], replays) * 1000 / layers
+        return time_graph(lambda: [fn(w) for w in weights], replays) * 1000 / layers
 
     cublas_us = per_gemm_us(lambda w: F.linear(x, w))
     results = []
