@@ -60,7 +60,7 @@ from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
 from .fused import _layer_pieces, _LayerWeights, final_rms_norm, fuse_projections, rms_norm
-from .skinny_gemm import load_kernels, skinny_gemm_cannot_run
+from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -576,7 +576,7 @@ class FastLoop:
         if wanted == "auto":
             if rows == 1 and self.options.compile is not None:
                 return "matvec"
-            fits = device.type == "cuda" and 17 <= rows <= 32
+            fits = device.type == "cuda" and rows in AUTO_ROWS
             wanted = "triton" if fits and skinny_gemm_cannot_run(device) is None else "cublas"
         elif wanted == "triton":
             why = f"{rows} rows are more than its 64" if rows > 64 else skinny_gemm_cannot_run(device)

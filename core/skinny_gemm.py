@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run", "skinny_gemm_unavailable"]
+__all__ = ["AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run", "skinny_gemm_unavailable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,11 @@ def load_kernels() -> Any:
 
 def _rows_block(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
+
+
+# Rows where "auto" takes the kernel: 16 images with CFG (32 rows) is where it measured faster than cuBLAS on an H200
+# (benchmarks/gemm.py); from 17 rows on the tensor-core tile is 32 rows, as there.
+AUTO_ROWS = range(17, 33)
 
 
 def launch_for(n: int, k: int) -> GemmLaunch:
