@@ -226,10 +226,13 @@ class _Unsafe(Strategy):
         return logits
 
 
+@pytest.mark.parametrize("compile_backend", [None, "eager"])
 @pytest.mark.parametrize("strategy", [_RollbackOnce, _InjectAt5, _PrunePrompt], ids=["rollback", "inject", "prune"])
-def test_host_hooks_run_eagerly_between_fast_steps(model, strategy):
+def test_host_hooks_run_eagerly_between_fast_steps(model, strategy, compile_backend):
+    """Host hooks between fast steps; traced (``compile="eager"``), the first half's cache store meets layers of two
+    lengths (pruning) and a cache truncated by a rollback."""
     decoder = Decoder([strategy()])
-    loop = FastLoop(FastOptions(graphs=False, bucket=4))
+    loop = FastLoop(FastOptions(graphs=False, bucket=4, compile=compile_backend))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EagerStepWarning)
         fast = _generate(model, decoder, loop)
