@@ -59,12 +59,12 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
-from .fused import _layer_pieces, _LayerWeights, final_rms_norm, fuse_projections, rms_norm
-from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
+from .fused import GEMM_FORMS, _layer_pieces, _LayerWeights, final_rms_norm, fuse_projections, rms_norm
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
 from .sampling import race_from, row_key_hash, vocab_hash
+from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .state import StepState
 
 __all__ = ["EagerStepWarning", "FastLoop", "FastOptions", "fuse_projections"]
@@ -115,7 +115,7 @@ class FastOptions:
             raise ValueError(f"`split` must be 0 or a power of two >= 16, got {self.split!r}")
         if not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
-        if self.gemm not in ("auto", "cublas", "triton", "matvec"):
+        if self.gemm not in ("auto", *GEMM_FORMS):
             raise ValueError(f"`gemm` must be 'auto', 'cublas', 'triton' or 'matvec', got {self.gemm!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
             raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
@@ -657,5 +657,6 @@ class FastLoop:
             lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
         hooks.end(state)
         self.stats = {**stepper.stats, "attention": stepper.attention, "gemm": options.gemm,
-                      "layers": "fused" if weights else "transformers", "graphs": graphs, "read_lens": sorted({k[1] for k in stepper.captured})}
+                      "layers": "fused" if weights else "transformers", "graphs": graphs,
+                      "read_lens": sorted({k[1] for k in stepper.captured})}
         return RunResult(state.generated, lengths, state, state.memory["_flags"], sorted(boundaries))

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run", "skinny_gemm_unavailable"]
+__all__ = [
+    "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run",
+    "skinny_gemm_unavailable",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +126,8 @@ def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch) 
     _KERNELS.skinny_gemm_partial[(-(-n // launch.bn), splits)](
         x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), part.stride(-2),
         part.stride(0) if splits > 1 else 0, BM=_rows_block(m), BN=launch.bn, BK=launch.bk,
-        WEIGHT_MAJOR=launch.weight_major,
-        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        WEIGHT_MAJOR=launch.weight_major, PRECISION="ieee" if x.dtype == torch.float32 else None,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         block = 1024

@@ -115,7 +115,8 @@ def test_gemm_form_by_rows_device_and_options(model):
     loop = FastLoop(FastOptions(graphs=False))
     _generate(model, Decoder(), loop)
     assert loop.stats["gemm"] == "cublas"
-    for options in (FastOptions(graphs=False, gemm="triton", compile="eager"), FastOptions(graphs=False, gemm="matvec")):
+    for options in (FastOptions(graphs=False, gemm="triton", compile="eager"),
+                    FastOptions(graphs=False, gemm="matvec")):
         graph_module._SAID.clear()
         loop = FastLoop(options)
         with pytest.warns(EagerStepWarning, match="Triton GEMM cannot run|gemm='matvec' needs"):
