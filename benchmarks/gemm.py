@@ -6,7 +6,10 @@ For each projection of a decoder layer at the 1B and 7B shapes with 32 rows (16 
 per layer (as many layers as the model has, at least 256 MB of weights, so they stream from HBM and not from L2),
 one GEMM per layer captured as one CUDA graph and replayed; CUDA events, median of replays, divided by the layers.
 Every launch configuration is checked against ``F.linear`` first (a wrong one is reported, not timed). Reports
-µs per GEMM, the weight bytes over that time (TB/s) and the best configurations per shape.
+µs per GEMM, the weight bytes over that time (TB/s) and the best configurations per shape; and for the launch the
+step uses (``launch_for``): with programmatic dependent launch (``pdl``: each GEMM of the chain reads its first
+weight tile while the one before finishes), and for gate/up the SiLU·mul epilogue against cuBLAS + the two ops.
+``--sweep no`` times only those.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from janus_decoding.core.skinny_gemm import GemmLaunch, skinny_gemm
+from janus_decoding.core.skinny_gemm import GemmLaunch, launch_for, pdl_cannot_run, skinny_gemm
 
 from .graph_timing import time_graph
 
@@ -30,9 +33,8 @@ SHAPES = {  # name: (N, K, layers)
     "7b-down": (4096, 11008, 30), "1b-qkv": (6144, 2048, 24), "1b-o": (2048, 2048, 24),
     "1b-gate_up": (11264, 2048, 24), "1b-down": (2048, 5632, 24),
 }
-CONFIGS = [GemmLaunch(bn=bn, bk=bk, splits=s, num_warps=w, num_stages=st, weight_major=wm)
-           for bn, bk, s, w, st, wm in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4), (4,), (3, 4, 6),
-                                                           (True, False))
+CONFIGS = [GemmLaunch(bn=bn, bk=bk, splits=s, num_warps=w, num_stages=st)
+           for bn, bk, s, w, st in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4), (4,), (3, 4, 6))
            if bn * bk <= 16384]
 
 
@@ -66,10 +68,30 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
             entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         results.append(entry)
     timed = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
+    default = launch_for(n, k)
+    step = {"launch": default.__dict__, "us": per_gemm_us(lambda w: skinny_gemm(x, w, default))}
+    pdl = pdl_cannot_run(device) is None
+    if pdl:
+        step["us_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, pdl=True))
+    if name.endswith("gate_up"):
+        inner = n // 2
+
+        def unfused(w: torch.Tensor) -> torch.Tensor:
+            gate_up = F.linear(x, w)
+            return F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
+
+        step["cublas_silu_mul_us"] = per_gemm_us(unfused)
+        glu_err = (skinny_gemm(x, weights[0], default, glu=True).float() - unfused(weights[0]).float()).abs().max()
+        step["glu_max_abs_err"] = glu_err.item()
+        step["glu_us"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True))
+        if pdl:
+            step["glu_us_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True, pdl=True))
+    print(f"[gemm] {name}: the step's launch {step}", file=sys.stderr)
     print(f"[gemm] {name}: cuBLAS {cublas_us:.2f} us ({bytes_per_gemm / cublas_us / 1e6:.2f} TB/s), best "
           + (f"{timed[0]['us']:.2f} us {timed[0]['launch']}" if timed else "none"), file=sys.stderr)
     return {"n": n, "k": k, "rows": rows, "layers": layers, "weight_mb": bytes_per_gemm / 1e6,
-            "cublas_us": cublas_us, "cublas_tb_s": bytes_per_gemm / cublas_us / 1e6, "best": timed[:8],
+            "cublas_us": cublas_us, "cublas_tb_s": bytes_per_gemm / cublas_us / 1e6, "step_launch": step,
+            "best": timed[:8],
             "failed": [r for r in results if "error" in r][:5], "configs": len(results)}
 
 
@@ -79,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--replays", type=int, default=15)
+    parser.add_argument("--sweep", choices=("yes", "no"), default="yes", help="time every launch configuration")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -88,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "gemm", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.gemm " + " ".join(argv if argv is not None else sys.argv[1:]),
         "versions": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device)},
-        "shapes": {name: run_shape(name, args.rows, CONFIGS, args.replays, device) for name in args.shapes.split(",")},
+        "shapes": {name: run_shape(name, args.rows, CONFIGS if args.sweep == "yes" else [],
+                                            args.replays, device) for name in args.shapes.split(",")},
     }
     text = json.dumps(report, indent=1)
     if args.out:

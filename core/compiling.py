@@ -11,11 +11,11 @@ kept. The loop captures its own CUDA graphs, so Inductor's are off.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-_COMPILED: dict[tuple[Callable, str, bool], Callable] = {}
+_COMPILED: dict[tuple[Callable, str, bool, tuple], Callable] = {}
 MAX_AUTOTUNE = "max-autotune"
 # ``tune_reductions``: Inductor times several launch configurations of each generated reduction and pointwise
 # kernel at its first call, then refines the best by coordinate descent (gpt-fast's setting). The one-row step's
@@ -38,17 +38,23 @@ def _allow_recompiles() -> None:
         setattr(config, name, RECOMPILE_LIMIT)
 
 
-def compiled(fn: Callable, backend: str, *, tune_reductions: bool = False) -> Callable:
+def compiled(fn: Callable, backend: str, *, tune_reductions: bool = False,
+             options: dict[str, Any] | None = None) -> Callable:
     """``fn`` through ``torch.compile(backend=backend, fullgraph=True, dynamic=False)``, made once per
-    (function, backend, tuning)."""
+    (function, backend, tuning, options); ``options``: Inductor settings for this function (ignored by other
+    backends)."""
+    inductor = backend in ("inductor", MAX_AUTOTUNE)
     tune = tune_reductions and backend == "inductor"
-    key = (fn, backend, tune)
+    settings = {**(TUNED_OPTIONS if tune else {}), **(options or {})} if inductor else {}
+    key = (fn, backend, tune, tuple(sorted(settings.items())))
     if key not in _COMPILED:
         _allow_recompiles()
-        if backend == MAX_AUTOTUNE:
+        if backend == MAX_AUTOTUNE and not settings:
             _COMPILED[key] = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
-        elif tune:
-            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, options=TUNED_OPTIONS)
+        elif backend == MAX_AUTOTUNE:  # torch.compile takes a mode or options, not both: the mode's settings spelled out
+            options = {"max_autotune": True, "triton.cudagraphs": False, **settings}
+            _COMPILED[key] = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False, options=options)
         else:
-            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+            _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
+                                           options=settings or None)
     return _COMPILED[key]

@@ -4,7 +4,7 @@ A decoder layer for one new token per row, as two functions around attention (wh
 the cache): ``_attention_inputs`` (the previous MLP's residual → rms norm → one q/k/v GEMM → rotary; pure) or
 ``_attention_inputs_cached`` (the same, storing the new k/v into the cache it is handed) and
 ``_layer_rest`` (output projection and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection, whose
-residual the next layer adds). Each residual add sits in front of a norm so that a compiler fuses the two.
+residual the next layer adds; with the Triton GEMM, SiLU·mul runs in the gate/up GEMM's epilogue). Each residual add sits in front of a norm so that a compiler fuses the two.
 ``fuse_projections`` concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them.
 ``_layer_pieces`` hands the two functions out plain or through ``torch.compile`` (``core/compiling.py``: one
 wrapper per function and backend for the process).
@@ -117,7 +117,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 GEMM_FORMS = ("cublas", "matvec", "triton")
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas") -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", pdl: bool = False) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``, in one of three forms (``GEMM_FORMS``):
 
     * ``"cublas"``: ``F.linear``.
@@ -128,18 +128,33 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas") -> torc
       reduction kernel (measured in benchmarks/README.md). Never run uncompiled: eagerly it would materialise
       ``[M, N, K]``.
     * ``"triton"`` (2–64 rows, the image batch): :mod:`core.skinny_gemm`'s kernel, whose launch fills the GPU where
-      cuBLAS's tiles leave multiprocessors idle or add a split-K reduction (``benchmarks/gemm.py``).
+      cuBLAS's tiles leave multiprocessors idle or add a split-K reduction (``benchmarks/gemm.py``). Compiled, a
+      split GEMM's parts are summed by the kernel that reads the result; ``pdl``: launched with programmatic
+      dependent launch.
     """
     if gemm == "matvec":
         return (x.float()[:, None, :] * weight.float()[None]).sum(-1).to(x.dtype)
     if gemm == "triton":
-        return skinny_gemm_unchecked(x, weight, launch_for(weight.shape[0], weight.shape[1]))
+        launch = launch_for(weight.shape[0], weight.shape[1], caller_sums=torch.compiler.is_compiling())
+        return skinny_gemm_unchecked(x, weight, launch, pdl=pdl)
     return F.linear(x, weight)
+
+
+def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = "cublas",
+                     pdl: bool = False) -> torch.Tensor:
+    """``silu(x @ gate.T) · (x @ up.T)`` from the concatenated ``[gate; up]`` weight: with the Triton GEMM in its
+    epilogue (no SiLU·mul kernel, no ``[B, 2·I]`` product in memory), otherwise as the GEMM and then the ops."""
+    if gemm == "triton":
+        return skinny_gemm_unchecked(x, gate_up_weight, launch_for(*gate_up_weight.shape), glu=True, pdl=pdl)
+    gate_up = _linear(x, gate_up_weight, gemm)  # [B, 2·I]
+    inner = gate_up.shape[1] // 2
+    return F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
 
 
 def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
                       qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
-                      gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      gemm: str = "cublas",
+                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A layer's first half up to attention: the previous layer's MLP residual → rms norm → one q/k/v GEMM →
     rotary. ``h`` ``[B, H]`` plus ``delta`` (the previous MLP's output, None before layer 0) → the layer's input
     ``h`` and q ``[B, nq, D]``, k and v ``[B, nkv, D]``. The residual add is done here so that a compiler fuses it
@@ -147,7 +162,7 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
     if delta is not None:
         h = h + delta
     b, d = h.shape[0], cos.shape[-1]
-    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, gemm)  # [B, (nq + 2·nkv)·D]
+    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, gemm, pdl)  # [B, (nq + 2·nkv)·D]
     qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
     v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
     turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
@@ -158,15 +173,16 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
 def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
                              qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
                              keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
-                             gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
+                             gemm: str = "cublas", pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_attention_inputs` that also writes the new k and v at ``slot`` ``[1]`` of the layer's cache
     ``keys``/``values`` ``[B, nkv, L, D]`` (in place) → ``h`` and q ``[B, nq, D]``.
 
     Why here and not beside attention: compiled, the rotary kernel stores k and v straight into the cache (a
     scatter store), where two ``index_copy_`` kernels per layer ran before (~3 µs each, 60 a step at the 7B shape);
-    q then gets a buffer of its own, so the k part is written only to the cache.
+    q then gets a buffer of its own, so the k part is written only to the cache. The v store shares no data with
+    the rotary kernel, so Inductor fuses it in only when told to (``FIRST_HALF_OPTIONS``).
     """
-    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, gemm)
+    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, gemm, pdl)
     keys.index_copy_(2, slot, k[:, :, None])
     values.index_copy_(2, slot, v[:, :, None])
     return h, (q.contiguous() if torch.compiler.is_compiling() else q)
@@ -174,15 +190,14 @@ def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: to
 
 def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-                gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
+                gemm: str = "cublas", pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
     ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
     layer's first half (or the loop, after the last layer) adds. transformers' arithmetic: each projection rounded
     to the dtype, then the residual added."""
-    h = h + _linear(attended, o_weight, gemm)
-    gate_up = _linear(rms_norm(h, ln, eps), gate_up_weight, gemm)  # [B, 2·I]
-    inner = gate_up.shape[1] // 2
-    return h, _linear(F.silu(gate_up[:, :inner]) * gate_up[:, inner:], down_weight, gemm)
+    h = h + _linear(attended, o_weight, gemm, pdl)
+    inner = _gated_mlp_inner(rms_norm(h, ln, eps), gate_up_weight, gemm, pdl)  # [B, I]
+    return h, _linear(inner, down_weight, gemm, pdl)
 
 
 def _layer_pieces(backend: str | None, gemm: str = "cublas",
@@ -194,4 +209,12 @@ def _layer_pieces(backend: str | None, gemm: str = "cublas",
     if backend is None:
         return first, _layer_rest
     tune = gemm == "matvec"
-    return (compiled(first, backend, tune_reductions=tune), compiled(_layer_rest, backend, tune_reductions=tune))
+    return (compiled(first, backend, tune_reductions=tune, options=FIRST_HALF_OPTIONS if writes_cache else None),
+            compiled(_layer_rest, backend, tune_reductions=tune))
+
+
+# The first half that stores k and v: Inductor fuses two pointwise nodes only when they share data, and the v store
+# reads nothing the rotary kernel reads — so it ran as a kernel of its own (37 µs a step at the 7B shape).
+# ``aggressive_fusion`` lets nodes of the same iteration space fuse without shared data (with multi-head attention
+# q, k and v have one shape, and the v store joins the rotary kernel).
+FIRST_HALF_OPTIONS = {"aggressive_fusion": True}

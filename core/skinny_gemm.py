@@ -5,20 +5,30 @@ unused — the q/k/v GEMM at the 7B shape runs 96 tiles on 132 multiprocessors, 
 a split-K reduction kernel each (``benchmarks/README.md`` has the profile). Here every program owns ``bn`` output
 columns for all rows (rows padded to a power of two ≥ 16 for the tensor cores) and walks its share of K in ``bk``
 steps with ``num_stages`` loads in flight; ``splits`` > 1 divides K among programs and a second kernel sums the
-fp32 parts in split order. Each output is summed in one fixed order, so results repeat bit for bit, and the fp32
-sum is rounded once to the output dtype, as cuBLAS does.
+fp32 parts in split order — or, inside ``torch.compile``, the code that reads the result does (Inductor folds that
+sum into the kernel after the GEMM: the residual add and rms norm). Each output is summed in one fixed order, so
+results repeat bit for bit, and the fp32 sum is rounded once to the output dtype, as cuBLAS does.
+
+``glu=True`` computes a LLaMA MLP's ``silu(gate) · up`` from its ``[gate; up]`` weight in the GEMM's epilogue (the
+SiLU·mul kernel and the round trip of the ``[M, 2·I]`` product go away). ``pdl=True`` (Hopper on) launches with
+programmatic dependent launch: the first weight tile is read while the kernel in front finishes.
+
+The launch goes through one custom op (``janus_decoding::skinny_gemm``), so ``torch.compile`` keeps it as a call
+(with its launch attributes) instead of tracing Triton, and on CPU the interpreter runs under a compiled layer too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import warnings
 from typing import Any
 
 import torch
 
 __all__ = [
-    "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run",
+    "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "pdl_cannot_run", "skinny_gemm", "skinny_gemm_cannot_run",
     "skinny_gemm_unavailable",
 ]
 
@@ -32,7 +42,6 @@ class GemmLaunch:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    weight_major: bool = True
 
     def __post_init__(self) -> None:
         for name in ("bn", "bk"):
@@ -43,8 +52,8 @@ class GemmLaunch:
             raise ValueError(f"GemmLaunch: `splits` must be >= 1, got {self.splits}")
 
 
-def skinny_gemm_unavailable(x: torch.Tensor, w: torch.Tensor) -> str | None:
-    """Why the kernel cannot compute ``x @ w.T`` here, or None."""
+def skinny_gemm_unavailable(x: torch.Tensor, w: torch.Tensor, glu: bool = False) -> str | None:
+    """Why the kernel cannot compute ``x @ w.T`` (``glu``: SiLU·mul of its halves) here, or None."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         return f"skinny_gemm: needs x [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}"
     if x.stride(1) != 1 or w.stride(1) != 1:
@@ -53,6 +62,8 @@ def skinny_gemm_unavailable(x: torch.Tensor, w: torch.Tensor) -> str | None:
         return f"skinny_gemm: made for at most 64 rows, got {x.shape[0]}"
     if x.dtype != w.dtype:
         return f"skinny_gemm: x is {x.dtype}, w is {w.dtype}"
+    if glu and w.shape[0] % 2:
+        return f"skinny_gemm: glu needs [gate; up] weights of an even row count, got {w.shape[0]}"
     return skinny_gemm_cannot_run(x.device)
 
 
@@ -69,11 +80,35 @@ def skinny_gemm_cannot_run(device: torch.device) -> str | None:
     return None
 
 
-_KERNELS: Any = None  # core.skinny_gemm_kernels once imported (module global, so compiled code reads it plainly)
+_PDL_FAILED: list[str] = []  # why a PDL launch failed to build in this process (then every launch goes without)
+
+
+def pdl_cannot_run(device: torch.device) -> str | None:
+    """Why the kernel cannot launch with programmatic dependent launch on ``device``, or None."""
+    if device.type != "cuda":
+        return "programmatic dependent launch needs CUDA"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "programmatic dependent launch needs compute capability 9.0 (Hopper) or newer"
+    if not _triton_has_pdl():
+        return "this Triton has no programmatic dependent launch (griddepcontrol)"
+    return _PDL_FAILED[0] if _PDL_FAILED else None
+
+
+@functools.cache
+def _triton_has_pdl() -> bool:
+    try:
+        import triton.language as tl
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+_KERNELS: Any = None  # core.skinny_gemm_kernels once imported
 
 
 def load_kernels() -> Any:
-    """Import the kernels (before tracing: compiled code then reads the module global plainly)."""
+    """Import the kernels (Triton compiles each variant at its first launch)."""
     global _KERNELS
     if _KERNELS is None:
         from . import skinny_gemm_kernels
@@ -91,46 +126,122 @@ def _rows_block(m: int) -> int:
 AUTO_ROWS = range(17, 33)
 
 
-def launch_for(n: int, k: int) -> GemmLaunch:
+def launch_for(n: int, k: int, caller_sums: bool = False) -> GemmLaunch:
     """The launch measured fastest for a layer GEMM of 32 rows on an H200 (``benchmarks/gemm.py``): 64 columns per
-    program, K in steps of 128 with four loads in flight; K split only where it is longer than N (the down
-    projection), into as many parts as bring the programs to ~128."""
+    program, K in steps of 128 with four loads in flight. K is split where it is longer than N (the down
+    projection) — or as long, when the caller sums the parts in a kernel it runs anyway (``caller_sums``: compiled,
+    the output projection's parts are summed in the residual add's kernel) — into as many parts as bring the
+    programs to ~128."""
     splits = 1
-    if k > n:
+    if k > n or (caller_sums and k == n):
         tiles = -(-n // 64)
         while splits < 4 and tiles * splits < 128:
             splits *= 2
-    return GemmLaunch(bn=64, bk=128, splits=splits, num_warps=4, num_stages=4, weight_major=True)
+    return GemmLaunch(bn=64, bk=128, splits=splits, num_warps=4, num_stages=4)
 
 
-def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = None) -> torch.Tensor:
-    """``x`` ``[M, K]`` @ ``w`` ``[N, K]``.T → ``[M, N]`` in ``x``'s dtype (M ≤ 64); ``launch`` defaults to
-    :func:`launch_for` the shape."""
-    reason = skinny_gemm_unavailable(x, w)
+def _split_k(k: int, bk: int, splits: int) -> tuple[int, int]:
+    """The parts K is really split into (none empty) and the columns of each (a multiple of ``bk``)."""
+    splits = min(splits, -(-k // bk))
+    k_per_split = -(-k // (splits * bk)) * bk
+    return -(-k // k_per_split), k_per_split
+
+
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = None, *, glu: bool = False,
+                pdl: bool = False) -> torch.Tensor:
+    """``x`` ``[M, K]`` @ ``w`` ``[N, K]``.T → ``[M, N]`` in ``x``'s dtype (M ≤ 64); ``glu``: ``w`` is
+    ``[gate; up]`` and the result ``silu(x @ gate.T) · (x @ up.T)`` ``[M, N/2]`` (K is not split). ``launch``
+    defaults to :func:`launch_for` the shape; ``pdl`` needs :func:`pdl_cannot_run` to be None."""
+    reason = skinny_gemm_unavailable(x, w, glu) or (pdl_cannot_run(x.device) if pdl else None)
     if reason:
         raise ValueError(reason)
-    load_kernels()
-    return skinny_gemm_unchecked(x, w, launch or launch_for(w.shape[0], w.shape[1]))
+    return skinny_gemm_unchecked(x, w, launch or launch_for(w.shape[0], w.shape[1]), glu=glu, pdl=pdl)
 
 
-def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch) -> torch.Tensor:
-    """:func:`skinny_gemm` without its checks, for the compiled layer (the caller checked once and called
-    :func:`load_kernels`)."""
+def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch, *, glu: bool = False,
+                          pdl: bool = False) -> torch.Tensor:
+    """:func:`skinny_gemm` without its checks (the fused layers checked once). Inside ``torch.compile`` a split
+    GEMM returns its fp32 parts to the graph and sums them there, where Inductor fuses the sum into the next kernel."""
+    args = (launch.bn, launch.bk, launch.splits, launch.num_warps, launch.num_stages, glu)
+    if torch.compiler.is_compiling() and not glu and _split_k(x.shape[1], launch.bk, launch.splits)[0] > 1:
+        return torch.ops.janus_decoding.skinny_gemm(x, w, *args, True, pdl).sum(0).to(x.dtype)
+    return torch.ops.janus_decoding.skinny_gemm(x, w, *args, False, pdl)
+
+
+def _out_shape(x: torch.Tensor, w: torch.Tensor, bk: int, splits: int, glu: bool,
+               parts: bool) -> tuple[tuple[int, ...], torch.dtype]:
+    m, k, n = x.shape[0], x.shape[1], w.shape[0]
+    if glu:
+        return (m, n // 2), x.dtype
+    splits = _split_k(k, bk, splits)[0]
+    if parts and splits > 1:
+        return (splits, m, n), torch.float32
+    return (m, n), x.dtype
+
+
+_SCHEMA = ("(Tensor x, Tensor w, int bn, int bk, int splits, int num_warps, int num_stages, bool glu, bool parts, "
+           "bool pdl) -> Tensor")
+
+
+def _skinny_gemm_op(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, splits: int, num_warps: int,
+                    num_stages: int, glu: bool, parts: bool, pdl: bool) -> torch.Tensor:
+    """The launch itself. ``parts``: a split GEMM returns ``[splits, M, N]`` fp32 parts for the caller to sum."""
+    if pdl and _PDL_FAILED:
+        pdl = False
+    try:
+        return _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl)
+    except Exception as error:  # noqa: BLE001 - a Triton build failure of the PDL variant: say so once, go without
+        if not pdl:
+            raise
+        _PDL_FAILED.append(f"a launch with programmatic dependent launch failed ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''})")
+        warnings.warn(f"skinny_gemm: {_PDL_FAILED[0]}; launching without it", RuntimeWarning, stacklevel=2)
+        return _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, False)
+
+
+def _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl) -> torch.Tensor:
+    kernels = load_kernels()
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    splits = min(launch.splits, -(-k // launch.bk))
-    k_per_split = -(-k // (splits * launch.bk)) * launch.bk
-    splits = -(-k // k_per_split)
-    part = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    _KERNELS.skinny_gemm_partial[(-(-n // launch.bn), splits)](
+    shape, dtype = _out_shape(x, w, bk, splits, glu, parts)
+    options = dict(BM=_rows_block(m), BK=bk, PDL=pdl, PRECISION="ieee" if x.dtype == torch.float32 else None,
+                   num_warps=num_warps, num_stages=num_stages)
+    if pdl:
+        options["launch_pdl"] = True
+    if glu:
+        y = torch.empty(shape, dtype=dtype, device=x.device)
+        half = max(16, bn // 2)
+        kernels.skinny_gemm_glu[(-(-(n // 2) // half),)](x, w, y, m, n // 2, k, x.stride(0), w.stride(0), y.stride(0),
+                                                        BH=half, **options)
+        return y
+    splits, k_per_split = _split_k(k, bk, splits)
+    if splits == 1 or parts:
+        y = part = torch.empty(shape, dtype=dtype, device=x.device)
+    else:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    kernels.skinny_gemm_partial[(-(-n // bn), splits)](
         x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), part.stride(-2),
-        part.stride(0) if splits > 1 else 0, BM=_rows_block(m), BN=launch.bn, BK=launch.bk,
-        WEIGHT_MAJOR=launch.weight_major, PRECISION="ieee" if x.dtype == torch.float32 else None,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        part.stride(0) if splits > 1 else 0, BN=bn, **options,
     )
-    if splits > 1:
+    if splits > 1 and not parts:
         block = 1024
-        _KERNELS.skinny_gemm_sum[(-(-m * n // block),)](part, y, m, n, part.stride(0), part.stride(1), y.stride(0),
+        kernels.skinny_gemm_sum[(-(-m * n // block),)](part, y, m, n, part.stride(0), part.stride(1), y.stride(0),
                                                       SPLITS=splits, BLOCK=block, num_warps=4)
     return y
+
+
+def _fake(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl) -> torch.Tensor:
+    shape, dtype = _out_shape(x, w, bk, splits, glu, parts)
+    return x.new_empty(shape, dtype=dtype)
+
+
+def _register() -> None:
+    """``janus_decoding::skinny_gemm``, once per process (the module may be imported under two names)."""
+    if hasattr(torch.ops.janus_decoding, "skinny_gemm"):
+        return
+    op = torch.library.custom_op("janus_decoding::skinny_gemm", _skinny_gemm_op, mutates_args=(), schema=_SCHEMA)
+    op.register_fake(_fake)
+
+
+_register()

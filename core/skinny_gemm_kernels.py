@@ -2,6 +2,11 @@
 
 A module of their own so that :mod:`core.skinny_gemm` imports without Triton; the contract, the launch settings and
 why these kernels exist are documented there.
+
+Both kernels form the product weight-major (``w_tile @ x.T``: the weight tile is the MMA's first operand, as cuBLAS
+does at few rows). ``PDL`` (programmatic dependent launch, Hopper on): the program reads its first weight tile —
+which no earlier kernel writes — before waiting for the kernel in front of it to finish, and lets the kernel behind
+it launch at once, so the launch and the first loads overlap the previous kernel's tail.
 """
 
 import triton
@@ -9,42 +14,101 @@ import triton.language as tl
 
 
 @triton.jit
+def _first_tile_then_wait(w_ptrs, w_ok):
+    """The first weight tile, read before ``griddepcontrol.wait`` (no kernel in front of us writes weights); then
+    the wait, after which the previous kernel's writes are visible."""
+    w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+    tl.extra.cuda.gdc_launch_dependents()
+    tl.extra.cuda.gdc_wait()
+    return w
+
+
+@triton.jit
 def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, som, sos,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WEIGHT_MAJOR: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Program (n tile, split): ``out[split, :M, tile] = x[:M, ks] @ w[tile, ks].T`` over the split's ``k_per_split``
-    columns ``ks`` (a multiple of BK), accumulated in fp32 in one fixed order. ``WEIGHT_MAJOR``: the product is
-    formed as ``w @ x.T`` (the weight tile as the MMA's first operand, as cuBLAS does), else ``x @ w.T``.
+    columns ``ks`` (a multiple of BK), accumulated in fp32 in one fixed order, stored in ``out``'s dtype.
     ``PRECISION``: ``"ieee"`` for fp32 inputs (no TF32), None for bf16/fp16."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rn = tile * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
+    rk = tl.arange(0, BK)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
-    rk = k_start + tl.arange(0, BK)
-    x_ptrs = x_ptr + rm[:, None] * sxm + rk[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + rn[:, None] * swn + rk[None, :]  # [BN, BK]
+    x_ptrs = x_ptr + rm[:, None] * sxm + (k_start + rk)[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + rn[:, None] * swn + (k_start + rk)[None, :]  # [BN, BK]
     row_ok = rm[:, None] < M
     col_ok = rn[:, None] < N
-    if WEIGHT_MAJOR:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(k_start, k_stop, BK):
-        k_ok = (k + tl.arange(0, BK))[None, :] < k_stop
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    k_first = k_start
+    if PDL:  # the first K step before the loop, so that its weight tile is read before the wait
+        k_ok = (k_start + rk)[None, :] < k_stop
+        w = _first_tile_then_wait(w_ptrs, col_ok & k_ok)
+        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BN, BM]
+        x_ptrs += BK
+        w_ptrs += BK
+        k_first = k_start + BK
+    for k in range(k_first, k_stop, BK):
+        k_ok = (k + rk)[None, :] < k_stop
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
-        if WEIGHT_MAJOR:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         x_ptrs += BK
         w_ptrs += BK
     out = out_ptr + split * sos + rm[:, None] * som + rn[None, :]
-    if WEIGHT_MAJOR:
-        acc = tl.trans(acc)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
+    tl.store(out, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
+
+
+@triton.jit
+def skinny_gemm_glu(x_ptr, w_ptr, out_ptr, M, INNER, K, sxm, swn, som, BM: tl.constexpr, BH: tl.constexpr,
+                    BK: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr):
+    """A LLaMA MLP's gate/up GEMM with SiLU·mul in its epilogue: ``w`` is ``[gate; up]`` (``2·INNER`` rows), and
+    program ``tile`` computes gate rows ``tile·BH …`` and the same up rows, then stores
+    ``silu(gate) · up`` ``[:M, tile]`` — the ``[M, 2·INNER]`` product never goes through memory.
+
+    Rounded as the unfused ops round: each product to the output dtype, SiLU's result to it, then the product."""
+    tile = tl.program_id(0)
+    rn = tile * BH + tl.arange(0, BH)
+    rm = tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    x_ptrs = x_ptr + rm[:, None] * sxm + rk[None, :]
+    g_ptrs = w_ptr + rn[:, None] * swn + rk[None, :]
+    u_ptrs = g_ptrs + INNER * swn
+    row_ok = rm[:, None] < M
+    col_ok = rn[:, None] < INNER
+    acc_g = tl.zeros((BH, BM), dtype=tl.float32)
+    acc_u = tl.zeros((BH, BM), dtype=tl.float32)
+    k_first = 0
+    if PDL:  # the first K step before the loop, so that its weight tiles are read before the wait
+        k_ok = rk[None, :] < K
+        u = tl.load(u_ptrs, mask=col_ok & k_ok, other=0.0)
+        g = _first_tile_then_wait(g_ptrs, col_ok & k_ok)
+        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        acc_g = tl.dot(g, tl.trans(x), acc_g, input_precision=PRECISION)  # [BH, BM]
+        acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=PRECISION)
+        x_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+        k_first = BK
+    for k in range(k_first, K, BK):
+        k_ok = (k + rk)[None, :] < K
+        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+        g = tl.load(g_ptrs, mask=col_ok & k_ok, other=0.0)
+        u = tl.load(u_ptrs, mask=col_ok & k_ok, other=0.0)
+        acc_g = tl.dot(g, tl.trans(x), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=PRECISION)
+        x_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.trans(acc_g).to(dtype).to(tl.float32)
+    up = tl.trans(acc_u).to(dtype).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    out = out_ptr + rm[:, None] * som + rn[None, :]
+    tl.store(out, (act * up).to(dtype), mask=row_ok & (rn[None, :] < INNER))
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import janus_decoding
 from janus_decoding.core import graph as graph_module
 from janus_decoding.core.decode_attention import decode_attention_unavailable
 from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
+from janus_decoding.core.skinny_gemm import skinny_gemm_cannot_run
 from janus_decoding.core.loop import Sampler, run
 from janus_decoding.core.protocol import KVAppend, LayerKeep, Rollback
 from janus_decoding.core.runs import ImageRequest, run_images
@@ -110,18 +111,36 @@ def test_triton_gemm_step_equals_core_loop(model, spec):
 
 
 def test_gemm_form_by_rows_device_and_options(model):
-    """"auto" keeps cuBLAS on CPU; "triton" says once why it cannot run and falls back (compiled pieces on CPU:
-    dynamo cannot trace the interpreter); "matvec" without compiled pieces falls back too."""
+    """"auto" keeps cuBLAS on CPU; "triton" past its 64 rows says once why it cannot run and falls back; "matvec"
+    without compiled pieces falls back too; programmatic dependent launch needs CUDA and says so when asked for."""
     loop = FastLoop(FastOptions(graphs=False))
     _generate(model, Decoder(), loop)
+    assert loop.stats["gemm"] == "cublas" and loop.stats["pdl"] == "off"
+    graph_module._SAID.clear()
+    loop = FastLoop(FastOptions(graphs=False, gemm="matvec"))
+    with pytest.warns(EagerStepWarning, match="gemm='matvec' needs"):
+        _generate(model, Decoder(), loop)
     assert loop.stats["gemm"] == "cublas"
-    for options in (FastOptions(graphs=False, gemm="triton", compile="eager"),
-                    FastOptions(graphs=False, gemm="matvec")):
+    if skinny_gemm_cannot_run(torch.device("cpu")) is None:
         graph_module._SAID.clear()
-        loop = FastLoop(options)
-        with pytest.warns(EagerStepWarning, match="Triton GEMM cannot run|gemm='matvec' needs"):
+        loop = FastLoop(FastOptions(graphs=False, gemm="triton", pdl="on"))
+        with pytest.warns(EagerStepWarning, match="programmatic dependent launch is off"):
             _generate(model, Decoder(), loop)
-        assert loop.stats["gemm"] == "cublas"
+        assert loop.stats["gemm"] == "triton" and loop.stats["pdl"] == "off"
+    with pytest.raises(ValueError, match="`pdl`"):
+        FastOptions(pdl="yes")
+
+
+@NO_CPU_TRITON
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_triton_gemm_under_compiled_pieces_equals_core_loop(model, backend):
+    """The GEMM is one custom op, so dynamo keeps it as a call (the interpreter runs under it on CPU); compiled, the
+    output projection is split and its parts summed in the graph, SiLU·mul comes from the GEMM's epilogue — and
+    the tokens stay the core loop's (fp32: summation order only)."""
+    decoder = Decoder.from_spec(SPECS[3])
+    loop = FastLoop(FastOptions(graphs=False, gemm="triton", compile=backend))
+    _same_run(_generate(model, decoder, run), _generate(model, decoder, loop))
+    assert loop.stats["gemm"] == "triton"
 
 
 def test_auto_attention_picks_by_rows_and_heads(model, monkeypatch):

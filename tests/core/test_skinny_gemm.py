@@ -2,7 +2,8 @@
 (tests/conftest.py), whose ``tl.dot`` is wrong for bf16 (Triton 3.8), so the bf16 test needs CUDA.
 
 It must equal ``F.linear`` up to summation order for every shape and launch — ragged N and K (masked tiles), K split
-into parts summed in order, either operand order for the tensor cores — and refuse what it cannot do in one line.
+into parts summed in order (by its own kernel, or by the compiled graph that reads the result), SiLU·mul of the two
+halves in the epilogue — and refuse what it cannot do in one line.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from janus_decoding.core.skinny_gemm import GemmLaunch, launch_for, skinny_gemm, skinny_gemm_cannot_run
+from janus_decoding.core.skinny_gemm import (GemmLaunch, launch_for, pdl_cannot_run, skinny_gemm,
+                                             skinny_gemm_cannot_run, skinny_gemm_unchecked)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(skinny_gemm_cannot_run(DEVICE) is not None, reason="no CUDA and no Triton interpreter")
 
 LAUNCHES = st.builds(GemmLaunch, bn=st.sampled_from([16, 32, 64]), bk=st.sampled_from([16, 32, 64]),
-                     splits=st.integers(1, 4), num_warps=st.just(4), num_stages=st.just(2),
-                     weight_major=st.booleans())
+                     splits=st.integers(1, 4), num_warps=st.just(4), num_stages=st.just(2))
 
 
 @settings(max_examples=25, deadline=None)
@@ -54,10 +55,80 @@ def test_a_strided_view_of_concatenated_weights():
 
 
 def test_launch_rule():
-    """K split only where K > N (the down projection), into as many parts as bring the programs to ~128."""
+    """K split only where K > N (the down projection), or K = N when the caller sums the parts (compiled), into as
+    many parts as bring the programs to ~128."""
     assert launch_for(12288, 4096).splits == 1 and launch_for(4096, 4096).splits == 1
+    assert launch_for(4096, 4096, caller_sums=True).splits == 2 and launch_for(12288, 4096, caller_sums=True).splits == 1
     assert launch_for(4096, 11008).splits == 2 and launch_for(2048, 5632).splits == 4
     assert launch_for(64, 9000).splits == 4
+
+
+def _glu_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    gate_up = F.linear(x, w)
+    inner = w.shape[0] // 2
+    return F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 40), inner=st.integers(1, 90), k=st.integers(1, 200), bn=st.sampled_from([32, 64]),
+       bk=st.sampled_from([16, 64]), seed=st.integers(0, 999))
+def test_glu_epilogue_equals_silu_of_gate_times_up(m, inner, k, bn, bk, seed):
+    """``[gate; up]`` weights, ragged in rows, inner size and K: the epilogue's SiLU·mul equals the unfused ops."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=gen).to(DEVICE), torch.randn(2 * inner, k, generator=gen).to(DEVICE)
+    got = skinny_gemm(x, w, GemmLaunch(bn=bn, bk=bk, num_stages=2), glu=True)
+    assert got.shape == (m, inner)
+    torch.testing.assert_close(got, _glu_reference(x, w), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the interpreter's tl.dot is wrong for bf16")
+def test_glu_bf16_rounds_as_the_unfused_ops():
+    """bf16: each product rounded, SiLU's result rounded, then the product — as F.silu(g) * u on bf16 tensors."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = (torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16) for s in [(32, 512), (2 * 384, 512)])
+    got = skinny_gemm(x, w, GemmLaunch(bn=64, bk=128), glu=True)
+    reference = _glu_reference(x, w)
+    assert (got.float() - reference.float()).abs().max() <= 2 ** -7 * reference.float().abs().max()
+
+
+def test_split_parts_summed_by_the_compiled_caller():
+    """Inside torch.compile the split GEMM hands its fp32 parts to the graph, which sums them (Inductor folds that
+    into the next kernel): the same numbers as the kernel's own ordered sum, and as F.linear."""
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(8, 256, generator=gen).to(DEVICE), torch.randn(48, 256, generator=gen).to(DEVICE)
+    launch = GemmLaunch(bn=16, bk=64, splits=2, num_stages=2)
+
+    def layer(x, w, residual):
+        return residual + skinny_gemm_unchecked(x, w, launch)
+
+    residual = torch.randn(8, 48, generator=gen).to(DEVICE)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got = compiled(x, w, residual)
+    assert torch.equal(got, layer(x, w, residual))
+    torch.testing.assert_close(got, residual + F.linear(x, w), rtol=1e-5, atol=1e-4)
+    graph_ops = []
+
+    def count_ops(gm, inputs):
+        graph_ops.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(layer, backend=count_ops, fullgraph=True)(x, w, residual)
+    assert any("skinny_gemm" in op for op in graph_ops) and any("sum" in op for op in graph_ops)
+
+
+def test_pdl_needs_hopper_and_cuda():
+    assert "CUDA" in pdl_cannot_run(torch.device("cpu"))
+    if DEVICE.type == "cuda" and pdl_cannot_run(DEVICE) is None:  # on an H100/H200: the PDL variants equal F.linear
+        gen = torch.Generator().manual_seed(5)
+        x, w = (torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16) for s in [(32, 512), (512, 512)])
+        plain = skinny_gemm(x, w, GemmLaunch(bn=64, bk=128, splits=2))
+        assert torch.equal(skinny_gemm(x, w, GemmLaunch(bn=64, bk=128, splits=2), pdl=True), plain)
+        assert torch.equal(skinny_gemm(x, w, GemmLaunch(bn=64, bk=128), glu=True, pdl=True),
+                           skinny_gemm(x, w, GemmLaunch(bn=64, bk=128), glu=True))
+    else:
+        with pytest.raises(ValueError, match="programmatic dependent launch"):
+            skinny_gemm(torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE), pdl=True)
 
 
 @pytest.mark.parametrize("x, w, match", [
@@ -65,10 +136,11 @@ def test_launch_rule():
     (torch.zeros(65, 8), torch.zeros(4, 8), "at most 64 rows"),
     (torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.float64), "x is torch.float32"),
     (torch.zeros(8, 2).t(), torch.zeros(4, 8), "contiguous rows"),
+    (torch.zeros(2, 8), torch.zeros(5, 8), "even row count"),
 ])
 def test_refuses_in_one_line(x, w, match):
     with pytest.raises(ValueError, match=match):
-        skinny_gemm(x, w)
+        skinny_gemm(x, w, glu=match == "even row count")
 
 
 def test_launch_is_checked():
