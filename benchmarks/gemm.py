@@ -15,6 +15,7 @@ weight tile while the one before finishes), and for gate/up the SiLU·mul epilog
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -69,10 +70,14 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
         results.append(entry)
     timed = sorted((r for r in results if "us" in r), key=lambda r: r["us"])
     default = launch_for(n, k)
-    step = {"launch": default.__dict__, "us": per_gemm_us(lambda w: skinny_gemm(x, w, default))}
+    tma = dataclasses.replace(default, tma=True)
+    step = {"launch": default.__dict__, "us": per_gemm_us(lambda w: skinny_gemm(x, w, default)),
+            "us_tma": per_gemm_us(lambda w: skinny_gemm(x, w, tma))}
+    step["tma_equal"] = torch.equal(skinny_gemm(x, weights[0], tma), skinny_gemm(x, weights[0], default))
     pdl = pdl_cannot_run(device) is None
     if pdl:
         step["us_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, pdl=True))
+        step["us_tma_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, pdl=True))
     if name.endswith("gate_up"):
         inner = n // 2
 
@@ -84,8 +89,10 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
         glu_err = (skinny_gemm(x, weights[0], default, glu=True).float() - unfused(weights[0]).float()).abs().max()
         step["glu_max_abs_err"] = glu_err.item()
         step["glu_us"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True))
+        step["glu_us_tma"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, glu=True))
         if pdl:
             step["glu_us_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True, pdl=True))
+            step["glu_us_tma_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, glu=True, pdl=True))
     print(f"[gemm] {name}: the step's launch {step}", file=sys.stderr)
     print(f"[gemm] {name}: cuBLAS {cublas_us:.2f} us ({bytes_per_gemm / cublas_us / 1e6:.2f} TB/s), best "
           + (f"{timed[0]['us']:.2f} us {timed[0]['launch']}" if timed else "none"), file=sys.stderr)

@@ -12,6 +12,7 @@ wrapper per function and backend for the process).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compiling import compiled
-from .skinny_gemm import launch_for, skinny_gemm_unchecked
+from .skinny_gemm import launch_for, skinny_gemm_unchecked, sum_parts
 
-__all__ = ["final_rms_norm", "fuse_projections", "rms_norm"]
+__all__ = ["add_delta", "final_rms_norm", "fuse_projections", "rms_norm"]
 
 
 @dataclass
@@ -117,7 +118,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 GEMM_FORMS = ("cublas", "matvec", "triton")
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", pdl: bool = False) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", pdl: bool = False,
+            parts: bool = False) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``, in one of three forms (``GEMM_FORMS``):
 
     * ``"cublas"``: ``F.linear``.
@@ -129,15 +131,22 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", pdl: bo
       ``[M, N, K]``.
     * ``"triton"`` (2–64 rows, the image batch): :mod:`core.skinny_gemm`'s kernel, whose launch fills the GPU where
       cuBLAS's tiles leave multiprocessors idle or add a split-K reduction (``benchmarks/gemm.py``). Compiled, a
-      split GEMM's parts are summed by the kernel that reads the result; ``pdl``: launched with programmatic
-      dependent launch.
+      split GEMM's parts are summed by the kernel that reads the result (``parts=True``: returned unsummed,
+      ``[splits, M, N]`` fp32, for a later compiled function to add with :func:`add_delta`); ``pdl``: launched with
+      programmatic dependent launch.
     """
     if gemm == "matvec":
         return (x.float()[:, None, :] * weight.float()[None]).sum(-1).to(x.dtype)
     if gemm == "triton":
         launch = launch_for(weight.shape[0], weight.shape[1], caller_sums=torch.compiler.is_compiling())
-        return skinny_gemm_unchecked(x, weight, launch, pdl=pdl)
+        return skinny_gemm_unchecked(x, weight, launch, pdl=pdl, parts=parts)
     return F.linear(x, weight)
+
+
+def add_delta(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The residual add of a layer's MLP output ``delta`` — ``[B, H]``, or the down projection's unsummed split
+    parts ``[splits, B, H]`` fp32, summed here so that a compiler folds the sum into the add's kernel."""
+    return h + sum_parts(delta, h.dtype)
 
 
 def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = "cublas",
@@ -160,7 +169,7 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
     ``h`` and q ``[B, nq, D]``, k and v ``[B, nkv, D]``. The residual add is done here so that a compiler fuses it
     into the norm's kernel. ``sin`` carries rotate-half's sign, so rotate_half(x)·sin = flip(x)·sin."""
     if delta is not None:
-        h = h + delta
+        h = add_delta(h, delta)
     b, d = h.shape[0], cos.shape[-1]
     qkv = _linear(rms_norm(h, ln, eps), qkv_weight, gemm, pdl)  # [B, (nq + 2·nkv)·D]
     qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
@@ -193,11 +202,12 @@ def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor,
                 gemm: str = "cublas", pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
     ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
-    layer's first half (or the loop, after the last layer) adds. transformers' arithmetic: each projection rounded
-    to the dtype, then the residual added."""
+    layer's first half (or the loop, after the last layer) adds with :func:`add_delta` (compiled with the Triton
+    GEMM, ``delta`` is the down projection's unsummed split parts: their sum joins the next norm's kernel).
+    transformers' arithmetic: each projection rounded to the dtype, then the residual added."""
     h = h + _linear(attended, o_weight, gemm, pdl)
     inner = _gated_mlp_inner(rms_norm(h, ln, eps), gate_up_weight, gemm, pdl)  # [B, I]
-    return h, _linear(inner, down_weight, gemm, pdl)
+    return h, _linear(inner, down_weight, gemm, pdl, parts=True)
 
 
 def _layer_pieces(backend: str | None, gemm: str = "cublas",
@@ -209,7 +219,7 @@ def _layer_pieces(backend: str | None, gemm: str = "cublas",
     if backend is None:
         return first, _layer_rest
     tune = gemm == "matvec"
-    return (compiled(first, backend, tune_reductions=tune, options=FIRST_HALF_OPTIONS if writes_cache else None),
+    return (compiled(first, backend, tune_reductions=tune, options=_first_half_options() if writes_cache else None),
             compiled(_layer_rest, backend, tune_reductions=tune))
 
 
@@ -217,4 +227,13 @@ def _layer_pieces(backend: str | None, gemm: str = "cublas",
 # reads nothing the rotary kernel reads — so it ran as a kernel of its own (37 µs a step at the 7B shape).
 # ``aggressive_fusion`` lets nodes of the same iteration space fuse without shared data (with multi-head attention
 # q, k and v have one shape, and the v store joins the rotary kernel).
-FIRST_HALF_OPTIONS = {"aggressive_fusion": True}
+# ``score_fusion_memory_threshold`` 0: the same for fusing two consumers of one buffer (the GEMM's output).
+FIRST_HALF_OPTIONS = {"aggressive_fusion": True, "score_fusion_memory_threshold": 0}
+
+
+@functools.cache
+def _first_half_options() -> dict[str, Any]:
+    """``FIRST_HALF_OPTIONS`` that this torch's Inductor knows."""
+    import torch._inductor.config as inductor_config
+
+    return {name: value for name, value in FIRST_HALF_OPTIONS.items() if hasattr(inductor_config, name)}

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
-from .fused import GEMM_FORMS, _layer_pieces, _LayerWeights, final_rms_norm, fuse_projections, rms_norm
+from .fused import GEMM_FORMS, _layer_pieces, _LayerWeights, add_delta, final_rms_norm, fuse_projections, rms_norm
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -467,7 +467,7 @@ class _Stepper:
                 captured[index] = h
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
             h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm, pdl=pdl)
-        h = h + delta
+        h = add_delta(h, delta)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
         return h

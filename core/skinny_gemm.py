@@ -29,7 +29,7 @@ import torch
 
 __all__ = [
     "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "pdl_cannot_run", "skinny_gemm", "skinny_gemm_cannot_run",
-    "skinny_gemm_unavailable",
+    "skinny_gemm_unavailable", "sum_parts",
 ]
 
 
@@ -42,6 +42,7 @@ class GemmLaunch:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    tma: bool = False  # tiles through Hopper's tensor-memory accelerator where it can (sm90+, bf16/fp16, aligned)
 
     def __post_init__(self) -> None:
         for name in ("bn", "bk"):
@@ -159,13 +160,21 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = No
 
 
 def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch, *, glu: bool = False,
-                          pdl: bool = False) -> torch.Tensor:
+                          pdl: bool = False, parts: bool = False) -> torch.Tensor:
     """:func:`skinny_gemm` without its checks (the fused layers checked once). Inside ``torch.compile`` a split
-    GEMM returns its fp32 parts to the graph and sums them there, where Inductor fuses the sum into the next kernel."""
-    args = (launch.bn, launch.bk, launch.splits, launch.num_warps, launch.num_stages, glu)
+    GEMM returns its fp32 parts to the graph and sums them there, where Inductor fuses the sum into the next kernel;
+    ``parts=True`` returns them ``[splits, M, N]`` unsummed (for :func:`sum_parts` in a later compiled function)."""
+    args = (launch.bn, launch.bk, launch.splits, launch.num_warps, launch.num_stages, launch.tma, glu)
     if torch.compiler.is_compiling() and not glu and _split_k(x.shape[1], launch.bk, launch.splits)[0] > 1:
-        return torch.ops.janus_decoding.skinny_gemm(x, w, *args, True, pdl).sum(0).to(x.dtype)
+        split = torch.ops.janus_decoding.skinny_gemm(x, w, *args, True, pdl)
+        return split if parts else sum_parts(split, x.dtype)
     return torch.ops.janus_decoding.skinny_gemm(x, w, *args, False, pdl)
+
+
+def sum_parts(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A GEMM result as ``[M, N]``: fp32 split parts ``[splits, M, N]`` summed in split order and rounded to
+    ``dtype`` (what the split kernel's own sum does), anything else as it is."""
+    return y.sum(0).to(dtype) if y.dim() == 3 else y
 
 
 def _out_shape(x: torch.Tensor, w: torch.Tensor, bk: int, splits: int, glu: bool,
@@ -179,40 +188,69 @@ def _out_shape(x: torch.Tensor, w: torch.Tensor, bk: int, splits: int, glu: bool
     return (m, n), x.dtype
 
 
-_SCHEMA = ("(Tensor x, Tensor w, int bn, int bk, int splits, int num_warps, int num_stages, bool glu, bool parts, "
-           "bool pdl) -> Tensor")
+_SCHEMA = ("(Tensor x, Tensor w, int bn, int bk, int splits, int num_warps, int num_stages, bool tma, bool glu, "
+           "bool parts, bool pdl) -> Tensor")
 
 
 def _skinny_gemm_op(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, splits: int, num_warps: int,
-                    num_stages: int, glu: bool, parts: bool, pdl: bool) -> torch.Tensor:
+                    num_stages: int, tma: bool, glu: bool, parts: bool, pdl: bool) -> torch.Tensor:
     """The launch itself. ``parts``: a split GEMM returns ``[splits, M, N]`` fp32 parts for the caller to sum."""
     if pdl and _PDL_FAILED:
         pdl = False
     try:
-        return _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl)
+        return _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl)
     except Exception as error:  # noqa: BLE001 - a Triton build failure of the PDL variant: say so once, go without
         if not pdl:
             raise
         _PDL_FAILED.append(f"a launch with programmatic dependent launch failed ({type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else ''})")
         warnings.warn(f"skinny_gemm: {_PDL_FAILED[0]}; launching without it", RuntimeWarning, stacklevel=2)
-        return _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, False)
+        return _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, False)
 
 
-def _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl) -> torch.Tensor:
+def _tma_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the tensor-memory-accelerator kernels can read ``x`` and ``w`` (Hopper on, 16-bit floats, 16-byte
+    aligned bases and row strides)."""
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or _tensor_descriptor() is None:
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, w))
+
+
+@functools.cache
+def _tensor_descriptor() -> Any:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl) -> torch.Tensor:
     kernels = load_kernels()
     m, k = x.shape
     n = w.shape[0]
+    rows = _rows_block(m)
     shape, dtype = _out_shape(x, w, bk, splits, glu, parts)
-    options = dict(BM=_rows_block(m), BK=bk, PDL=pdl, PRECISION="ieee" if x.dtype == torch.float32 else None,
-                   num_warps=num_warps, num_stages=num_stages)
+    tma = tma and _tma_usable(x, w)
+    options = dict(BM=rows, BK=bk, PDL=pdl, num_warps=num_warps, num_stages=num_stages)
+    if not tma:
+        options["PRECISION"] = "ieee" if x.dtype == torch.float32 else None
     if pdl:
         options["launch_pdl"] = True
     if glu:
         y = torch.empty(shape, dtype=dtype, device=x.device)
         half = max(16, bn // 2)
-        kernels.skinny_gemm_glu[(-(-(n // 2) // half),)](x, w, y, m, n // 2, k, x.stride(0), w.stride(0), y.stride(0),
-                                                        BH=half, **options)
+        grid = (-(-(n // 2) // half),)
+        if tma:
+            descriptor = _tensor_descriptor()
+            kernels.skinny_gemm_glu_tma[grid](descriptor.from_tensor(x, [rows, bk]),
+                                              descriptor.from_tensor(w, [half, bk]), y, m, n // 2, k, y.stride(0),
+                                              BH=half, **options)
+        else:
+            kernels.skinny_gemm_glu[grid](x, w, y, m, n // 2, k, x.stride(0), w.stride(0), y.stride(0), BH=half,
+                                          **options)
         return y
     splits, k_per_split = _split_k(k, bk, splits)
     if splits == 1 or parts:
@@ -220,10 +258,17 @@ def _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl) -> tor
     else:
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    kernels.skinny_gemm_partial[(-(-n // bn), splits)](
-        x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), part.stride(-2),
-        part.stride(0) if splits > 1 else 0, BN=bn, **options,
-    )
+    if tma:
+        descriptor = _tensor_descriptor()
+        kernels.skinny_gemm_tma[(-(-n // bn), splits)](
+            descriptor.from_tensor(x, [rows, bk]), descriptor.from_tensor(w, [bn, bk]), part, m, n, k, k_per_split,
+            part.stride(-2), part.stride(0) if splits > 1 else 0, BN=bn, **options,
+        )
+    else:
+        kernels.skinny_gemm_partial[(-(-n // bn), splits)](
+            x, w, part, m, n, k, k_per_split, x.stride(0), w.stride(0), part.stride(-2),
+            part.stride(0) if splits > 1 else 0, BN=bn, **options,
+        )
     if splits > 1 and not parts:
         block = 1024
         kernels.skinny_gemm_sum[(-(-m * n // block),)](part, y, m, n, part.stride(0), part.stride(1), y.stride(0),
@@ -231,7 +276,7 @@ def _launch(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl) -> tor
     return y
 
 
-def _fake(x, w, bn, bk, splits, num_warps, num_stages, glu, parts, pdl) -> torch.Tensor:
+def _fake(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl) -> torch.Tensor:
     shape, dtype = _out_shape(x, w, bk, splits, glu, parts)
     return x.new_empty(shape, dtype=dtype)
 

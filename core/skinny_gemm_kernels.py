@@ -18,9 +18,16 @@ def _first_tile_then_wait(w_ptrs, w_ok):
     """The first weight tile, read before ``griddepcontrol.wait`` (no kernel in front of us writes weights); then
     the wait, after which the previous kernel's writes are visible."""
     w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-    tl.extra.cuda.gdc_launch_dependents()
     tl.extra.cuda.gdc_wait()
     return w
+
+
+@triton.jit
+def _let_the_next_kernel_launch(PDL: tl.constexpr):
+    """With PDL, after the K loop: the next kernel's programs may start once every program here got this far — in
+    the last wave's tail, not earlier (programs launched early hold shared memory this kernel's later waves need)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -58,6 +65,7 @@ def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, s
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         x_ptrs += BK
         w_ptrs += BK
+    _let_the_next_kernel_launch(PDL)
     out = out_ptr + split * sos + rm[:, None] * som + rn[None, :]
     tl.store(out, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
 
@@ -103,12 +111,77 @@ def skinny_gemm_glu(x_ptr, w_ptr, out_ptr, M, INNER, K, sxm, swn, som, BM: tl.co
         x_ptrs += BK
         g_ptrs += BK
         u_ptrs += BK
+    _let_the_next_kernel_launch(PDL)
     dtype = out_ptr.dtype.element_ty
     gate = tl.trans(acc_g).to(dtype).to(tl.float32)
     up = tl.trans(acc_u).to(dtype).to(tl.float32)
     act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
     out = out_ptr + rm[:, None] * som + rn[None, :]
     tl.store(out, (act * up).to(dtype), mask=row_ok & (rn[None, :] < INNER))
+
+
+@triton.jit
+def skinny_gemm_tma(x_desc, w_desc, out_ptr, M, N, K, k_per_split, som, sos, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, PDL: tl.constexpr):
+    """:func:`skinny_gemm_partial` (bf16/fp16) with the tiles brought in by the Hopper tensor-memory accelerator
+    (host-built descriptors of ``x`` ``[M, K]`` and ``w`` ``[N, K]``): one instruction a tile instead of per-thread
+    address arithmetic, and out-of-range rows and columns read as zeros."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    k_start = split * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    k_first = k_start
+    if PDL:
+        w = w_desc.load([tile * BN, k_start])
+        tl.extra.cuda.gdc_wait()
+        x = x_desc.load([0, k_start])
+        acc = tl.dot(w, tl.trans(x), acc)
+        k_first = k_start + BK
+    for k in range(k_first, k_stop, BK):
+        w = w_desc.load([tile * BN, k])
+        x = x_desc.load([0, k])
+        acc = tl.dot(w, tl.trans(x), acc)
+    _let_the_next_kernel_launch(PDL)
+    rn = tile * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    out = out_ptr + split * sos + rm[:, None] * som + rn[None, :]
+    tl.store(out, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def skinny_gemm_glu_tma(x_desc, w_desc, out_ptr, M, INNER, K, som, BM: tl.constexpr, BH: tl.constexpr,
+                        BK: tl.constexpr, PDL: tl.constexpr):
+    """:func:`skinny_gemm_glu` with the tiles brought in by the tensor-memory accelerator (see
+    :func:`skinny_gemm_tma`); ``w_desc``'s block is ``[BH, BK]``, its gate rows at ``tile·BH`` and up rows
+    ``INNER`` further."""
+    tile = tl.program_id(0)
+    acc_g = tl.zeros((BH, BM), dtype=tl.float32)
+    acc_u = tl.zeros((BH, BM), dtype=tl.float32)
+    k_first = 0
+    if PDL:
+        g = w_desc.load([tile * BH, 0])
+        u = w_desc.load([INNER + tile * BH, 0])
+        tl.extra.cuda.gdc_wait()
+        x = x_desc.load([0, 0])
+        acc_g = tl.dot(g, tl.trans(x), acc_g)
+        acc_u = tl.dot(u, tl.trans(x), acc_u)
+        k_first = BK
+    for k in range(k_first, K, BK):
+        x = x_desc.load([0, k])
+        g = w_desc.load([tile * BH, k])
+        u = w_desc.load([INNER + tile * BH, k])
+        acc_g = tl.dot(g, tl.trans(x), acc_g)
+        acc_u = tl.dot(u, tl.trans(x), acc_u)
+    _let_the_next_kernel_launch(PDL)
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.trans(acc_g).to(dtype).to(tl.float32)
+    up = tl.trans(acc_u).to(dtype).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    rn = tile * BH + tl.arange(0, BH)
+    rm = tl.arange(0, BM)
+    out = out_ptr + rm[:, None] * som + rn[None, :]
+    tl.store(out, (act * up).to(dtype), mask=(rm[:, None] < M) & (rn[None, :] < INNER))
 
 
 @triton.jit

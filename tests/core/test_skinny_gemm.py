@@ -126,6 +126,12 @@ def test_pdl_needs_hopper_and_cuda():
         assert torch.equal(skinny_gemm(x, w, GemmLaunch(bn=64, bk=128, splits=2), pdl=True), plain)
         assert torch.equal(skinny_gemm(x, w, GemmLaunch(bn=64, bk=128), glu=True, pdl=True),
                            skinny_gemm(x, w, GemmLaunch(bn=64, bk=128), glu=True))
+        # the tensor-memory-accelerator kernels: the same products in the same order, so the same bits
+        tma = GemmLaunch(bn=64, bk=128, splits=2, tma=True)
+        assert torch.equal(skinny_gemm(x, w, tma), plain) and torch.equal(skinny_gemm(x, w, tma, pdl=True), plain)
+        assert torch.equal(skinny_gemm(x[:5], w[:, :384], tma), skinny_gemm(x[:5], w[:, :384], GemmLaunch(64, 128, 2)))
+        assert torch.equal(skinny_gemm(x, w[:200], GemmLaunch(bn=64, bk=128, tma=True), glu=True),
+                           skinny_gemm(x, w[:200], GemmLaunch(bn=64, bk=128), glu=True))
     else:
         with pytest.raises(ValueError, match="programmatic dependent launch"):
             skinny_gemm(torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE), pdl=True)
