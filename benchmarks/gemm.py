@@ -7,9 +7,8 @@ per layer (as many layers as the model has, at least 256 MB of weights, so they 
 one GEMM per layer captured as one CUDA graph and replayed; CUDA events, median of replays, divided by the layers.
 Every launch configuration is checked against ``F.linear`` first (a wrong one is reported, not timed). Reports
 µs per GEMM, the weight bytes over that time (TB/s) and the best configurations per shape; and for the launch the
-step uses (``launch_for``): with programmatic dependent launch (``pdl``: each GEMM of the chain reads its first
-weight tile while the one before finishes), and for gate/up the SiLU·mul epilogue against cuBLAS + the two ops.
-``--sweep no`` times only those.
+step uses (``launch_for``): through the tensor-memory accelerator (``tma``), and for gate/up the SiLU·mul epilogue
+(a few launches) against cuBLAS + the two ops. ``--sweep no`` times only those.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from janus_decoding.core.skinny_gemm import GemmLaunch, launch_for, pdl_cannot_run, skinny_gemm
+from janus_decoding.core.skinny_gemm import GemmLaunch, launch_for, skinny_gemm
 
 from .graph_timing import time_graph
 
@@ -37,6 +36,11 @@ SHAPES = {  # name: (N, K, layers)
 CONFIGS = [GemmLaunch(bn=bn, bk=bk, splits=s, num_warps=w, num_stages=st)
            for bn, bk, s, w, st in itertools.product((16, 32, 64, 128), (64, 128, 256), (1, 2, 4), (4,), (3, 4, 6))
            if bn * bk <= 16384]
+
+
+GLU_LAUNCHES = [GemmLaunch(bn=bn, bk=bk, num_stages=st, tma=tma)
+               for bn, bk, st, tma in itertools.product((64, 128), (64, 128), (3, 4), (False, True))
+               if bn * bk <= 8192]
 
 
 def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, device: torch.device) -> dict[str, Any]:
@@ -74,10 +78,6 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
     step = {"launch": default.__dict__, "us": per_gemm_us(lambda w: skinny_gemm(x, w, default)),
             "us_tma": per_gemm_us(lambda w: skinny_gemm(x, w, tma))}
     step["tma_equal"] = torch.equal(skinny_gemm(x, weights[0], tma), skinny_gemm(x, weights[0], default))
-    pdl = pdl_cannot_run(device) is None
-    if pdl:
-        step["us_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, pdl=True))
-        step["us_tma_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, pdl=True))
     if name.endswith("gate_up"):
         inner = n // 2
 
@@ -90,9 +90,10 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
         step["glu_max_abs_err"] = glu_err.item()
         step["glu_us"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True))
         step["glu_us_tma"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, glu=True))
-        if pdl:
-            step["glu_us_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True, pdl=True))
-            step["glu_us_tma_pdl"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, glu=True, pdl=True))
+        step["glu_launches"] = []
+        for launch in GLU_LAUNCHES:  # a gate and an up tile of bn/2 rows each a program
+            us = per_gemm_us(lambda w, launch=launch: skinny_gemm(x, w, launch, glu=True))
+            step["glu_launches"].append({"launch": launch.__dict__, "us": us})
     print(f"[gemm] {name}: the step's launch {step}", file=sys.stderr)
     print(f"[gemm] {name}: cuBLAS {cublas_us:.2f} us ({bytes_per_gemm / cublas_us / 1e6:.2f} TB/s), best "
           + (f"{timed[0]['us']:.2f} us {timed[0]['launch']}" if timed else "none"), file=sys.stderr)

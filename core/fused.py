@@ -118,8 +118,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 GEMM_FORMS = ("cublas", "matvec", "triton")
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", pdl: bool = False,
-            parts: bool = False) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", parts: bool = False) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``, in one of three forms (``GEMM_FORMS``):
 
     * ``"cublas"``: ``F.linear``.
@@ -132,14 +131,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", pdl: bo
     * ``"triton"`` (2–64 rows, the image batch): :mod:`core.skinny_gemm`'s kernel, whose launch fills the GPU where
       cuBLAS's tiles leave multiprocessors idle or add a split-K reduction (``benchmarks/gemm.py``). Compiled, a
       split GEMM's parts are summed by the kernel that reads the result (``parts=True``: returned unsummed,
-      ``[splits, M, N]`` fp32, for a later compiled function to add with :func:`add_delta`); ``pdl``: launched with
-      programmatic dependent launch.
+      ``[splits, M, N]`` fp32, for a later compiled function to add with :func:`add_delta`).
     """
     if gemm == "matvec":
         return (x.float()[:, None, :] * weight.float()[None]).sum(-1).to(x.dtype)
     if gemm == "triton":
         launch = launch_for(weight.shape[0], weight.shape[1], caller_sums=torch.compiler.is_compiling())
-        return skinny_gemm_unchecked(x, weight, launch, pdl=pdl, parts=parts)
+        return skinny_gemm_unchecked(x, weight, launch, parts=parts)
     return F.linear(x, weight)
 
 
@@ -149,12 +147,11 @@ def add_delta(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return h + sum_parts(delta, h.dtype)
 
 
-def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = "cublas",
-                     pdl: bool = False) -> torch.Tensor:
+def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = "cublas") -> torch.Tensor:
     """``silu(x @ gate.T) · (x @ up.T)`` from the concatenated ``[gate; up]`` weight: with the Triton GEMM in its
     epilogue (no SiLU·mul kernel, no ``[B, 2·I]`` product in memory), otherwise as the GEMM and then the ops."""
     if gemm == "triton":
-        return skinny_gemm_unchecked(x, gate_up_weight, launch_for(*gate_up_weight.shape), glu=True, pdl=pdl)
+        return skinny_gemm_unchecked(x, gate_up_weight, launch_for(*gate_up_weight.shape), glu=True)
     gate_up = _linear(x, gate_up_weight, gemm)  # [B, 2·I]
     inner = gate_up.shape[1] // 2
     return F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
@@ -162,8 +159,7 @@ def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = 
 
 def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
                       qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
-                      gemm: str = "cublas",
-                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A layer's first half up to attention: the previous layer's MLP residual → rms norm → one q/k/v GEMM →
     rotary. ``h`` ``[B, H]`` plus ``delta`` (the previous MLP's output, None before layer 0) → the layer's input
     ``h`` and q ``[B, nq, D]``, k and v ``[B, nkv, D]``. The residual add is done here so that a compiler fuses it
@@ -171,7 +167,7 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
     if delta is not None:
         h = add_delta(h, delta)
     b, d = h.shape[0], cos.shape[-1]
-    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, gemm, pdl)  # [B, (nq + 2·nkv)·D]
+    qkv = _linear(rms_norm(h, ln, eps), qkv_weight, gemm)  # [B, (nq + 2·nkv)·D]
     qk = qkv[:, : (nq + nkv) * d].view(b, nq + nkv, d)
     v = qkv[:, (nq + nkv) * d:].view(b, nkv, d)
     turned = qk.view(b, nq + nkv, 2, d // 2).flip(2).view(b, nq + nkv, d)
@@ -182,7 +178,7 @@ def _attention_inputs(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Ten
 def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: torch.Tensor, eps: float,
                              qkv_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, nkv: int,
                              keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
-                             gemm: str = "cublas", pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                             gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_attention_inputs` that also writes the new k and v at ``slot`` ``[1]`` of the layer's cache
     ``keys``/``values`` ``[B, nkv, L, D]`` (in place) → ``h`` and q ``[B, nq, D]``.
 
@@ -191,7 +187,7 @@ def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: to
     q then gets a buffer of its own, so the k part is written only to the cache. The v store shares no data with
     the rotary kernel, so Inductor fuses it in only when told to (``FIRST_HALF_OPTIONS``).
     """
-    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, gemm, pdl)
+    h, q, k, v = _attention_inputs(h, delta, ln, eps, qkv_weight, cos, sin, nq, nkv, gemm)
     keys.index_copy_(2, slot, k[:, :, None])
     values.index_copy_(2, slot, v[:, :, None])
     return h, (q.contiguous() if torch.compiler.is_compiling() else q)
@@ -199,15 +195,15 @@ def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: to
 
 def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-                gemm: str = "cublas", pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
     ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
     layer's first half (or the loop, after the last layer) adds with :func:`add_delta` (compiled with the Triton
     GEMM, ``delta`` is the down projection's unsummed split parts: their sum joins the next norm's kernel).
     transformers' arithmetic: each projection rounded to the dtype, then the residual added."""
-    h = h + _linear(attended, o_weight, gemm, pdl)
-    inner = _gated_mlp_inner(rms_norm(h, ln, eps), gate_up_weight, gemm, pdl)  # [B, I]
-    return h, _linear(inner, down_weight, gemm, pdl, parts=True)
+    h = h + _linear(attended, o_weight, gemm)
+    inner = _gated_mlp_inner(rms_norm(h, ln, eps), gate_up_weight, gemm)  # [B, I]
+    return h, _linear(inner, down_weight, gemm, parts=True)
 
 
 def _layer_pieces(backend: str | None, gemm: str = "cublas",

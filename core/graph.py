@@ -64,7 +64,7 @@ from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedul
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
 from .sampling import race_from, row_key_hash, vocab_hash
-from .skinny_gemm import AUTO_ROWS, load_kernels, pdl_cannot_run, skinny_gemm_cannot_run
+from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .state import StepState
 
 __all__ = ["EagerStepWarning", "FastLoop", "FastOptions", "fuse_projections"]
@@ -105,9 +105,6 @@ class FastOptions:
     # one-row multiply-reduce when compiling one row (text at batch 1), else "cublas"
     # ("matvec" asks for that multiply-reduce; compiled pieces only)
     gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
-    # the Triton GEMMs launched with programmatic dependent launch (Hopper on): each reads its first weight tile
-    # while the kernel in front of it finishes. "auto": where it can run; "off": never; "on": say why when it can't
-    pdl: Literal["auto", "on", "off"] = "off"
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -120,8 +117,6 @@ class FastOptions:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
         if self.gemm not in ("auto", *GEMM_FORMS):
             raise ValueError(f"`gemm` must be 'auto', 'cublas', 'triton' or 'matvec', got {self.gemm!r}")
-        if self.pdl not in ("auto", "on", "off"):
-            raise ValueError(f"`pdl` must be 'auto', 'on' or 'off', got {self.pdl!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
             raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
 
@@ -450,7 +445,6 @@ class _Stepper:
         masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
         used = self._used_keys() if self.attention == "flash" else None
         gemm = self.options.gemm  # resolved by FastLoop._gemm: "cublas", "matvec" (one row) or "triton"
-        pdl = self.options.pdl == "on"  # resolved by FastLoop._pdl
         kernel_writes = self.attention == "triton"  # the decode kernel stores k/v itself; else the first half does
         first_half, second_half = _layer_pieces(self.options.compile, gemm, writes_cache=not kernel_writes)
         cache = self.state.cache
@@ -458,15 +452,15 @@ class _Stepper:
         for index, w in enumerate(self.weights):
             nq = w.o.shape[1] // d
             if kernel_writes:
-                h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, gemm=gemm, pdl=pdl)
+                h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, gemm=gemm)
             else:
                 h, q = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, cache.keys[index],
-                                  cache.values[index], self.slot[index: index + 1], gemm=gemm, pdl=pdl)
+                                  cache.values[index], self.slot[index: index + 1], gemm=gemm)
                 k = v = None
             if index in wanted:
                 captured[index] = h
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
-            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm, pdl=pdl)
+            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm)
         h = add_delta(h, delta)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
@@ -570,8 +564,7 @@ class FastLoop:
             if why is not None:
                 _say_once(f"fast path: the Triton decode attention cannot run ({why}); using sdpa")
                 attention = "sdpa"
-        gemm = self._gemm(state, weights)
-        options = dataclasses.replace(self.options, attention=attention, gemm=gemm, pdl=self._pdl(state, gemm))
+        options = dataclasses.replace(self.options, attention=attention, gemm=self._gemm(state, weights))
         return self._run(state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
                          pad_id)
 
@@ -596,17 +589,6 @@ class FastLoop:
             _say_once("fast path: gemm='matvec' needs compiled pieces (`compile`); using cuBLAS")
             return "cublas"
         return wanted
-
-    def _pdl(self, state: StepState, gemm: str) -> str:
-        """"on" where the Triton GEMMs launch with programmatic dependent launch this run, else "off"."""
-        if self.options.pdl == "off":
-            return "off"
-        why = "it is for the Triton GEMMs" if gemm != "triton" else pdl_cannot_run(state.adapter.device)
-        if why is not None:
-            if self.options.pdl == "on":
-                _say_once(f"fast path: programmatic dependent launch is off ({why})")
-            return "off"
-        return "on"
 
     def _run(self, state, hooks, batch, embeds, sampler, graphs, weights, options, rebuild, progress, eos_id,
              pad_id) -> RunResult:
@@ -672,7 +654,7 @@ class FastLoop:
         else:
             lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
         hooks.end(state)
-        self.stats = {**stepper.stats, "attention": stepper.attention, "gemm": options.gemm, "pdl": options.pdl,
+        self.stats = {**stepper.stats, "attention": stepper.attention, "gemm": options.gemm,
                       "layers": "fused" if weights else "transformers", "graphs": graphs,
                       "read_lens": sorted({k[1] for k in stepper.captured})}
         return RunResult(state.generated, lengths, state, state.memory["_flags"], sorted(boundaries))

@@ -10,8 +10,8 @@ sum into the kernel after the GEMM: the residual add and rms norm). Each output 
 results repeat bit for bit, and the fp32 sum is rounded once to the output dtype, as cuBLAS does.
 
 ``glu=True`` computes a LLaMA MLP's ``silu(gate) · up`` from its ``[gate; up]`` weight in the GEMM's epilogue (the
-SiLU·mul kernel and the round trip of the ``[M, 2·I]`` product go away). ``pdl=True`` (Hopper on) launches with
-programmatic dependent launch: the first weight tile is read while the kernel in front finishes.
+SiLU·mul kernel and the round trip of the ``[M, 2·I]`` product go away). ``GemmLaunch.tma``: tiles through Hopper's
+tensor-memory accelerator where it can.
 
 The launch goes through one custom op (``janus_decoding::skinny_gemm``), so ``torch.compile`` keeps it as a call
 (with its launch attributes) instead of tracing Triton, and on CPU the interpreter runs under a compiled layer too.
@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
 from typing import Any
 
 import torch
 
 __all__ = [
-    "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "pdl_cannot_run", "skinny_gemm", "skinny_gemm_cannot_run",
+    "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run",
     "skinny_gemm_unavailable", "sum_parts",
 ]
 
@@ -81,30 +80,6 @@ def skinny_gemm_cannot_run(device: torch.device) -> str | None:
     return None
 
 
-_PDL_FAILED: list[str] = []  # why a PDL launch failed to build in this process (then every launch goes without)
-
-
-def pdl_cannot_run(device: torch.device) -> str | None:
-    """Why the kernel cannot launch with programmatic dependent launch on ``device``, or None."""
-    if device.type != "cuda":
-        return "programmatic dependent launch needs CUDA"
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        return "programmatic dependent launch needs compute capability 9.0 (Hopper) or newer"
-    if not _triton_has_pdl():
-        return "this Triton has no programmatic dependent launch (griddepcontrol)"
-    return _PDL_FAILED[0] if _PDL_FAILED else None
-
-
-@functools.cache
-def _triton_has_pdl() -> bool:
-    try:
-        import triton.language as tl
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
-
-
 _KERNELS: Any = None  # core.skinny_gemm_kernels once imported
 
 
@@ -148,27 +123,27 @@ def _split_k(k: int, bk: int, splits: int) -> tuple[int, int]:
     return -(-k // k_per_split), k_per_split
 
 
-def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = None, *, glu: bool = False,
-                pdl: bool = False) -> torch.Tensor:
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch | None = None, *,
+                glu: bool = False) -> torch.Tensor:
     """``x`` ``[M, K]`` @ ``w`` ``[N, K]``.T → ``[M, N]`` in ``x``'s dtype (M ≤ 64); ``glu``: ``w`` is
     ``[gate; up]`` and the result ``silu(x @ gate.T) · (x @ up.T)`` ``[M, N/2]`` (K is not split). ``launch``
-    defaults to :func:`launch_for` the shape; ``pdl`` needs :func:`pdl_cannot_run` to be None."""
-    reason = skinny_gemm_unavailable(x, w, glu) or (pdl_cannot_run(x.device) if pdl else None)
+    defaults to :func:`launch_for` the shape."""
+    reason = skinny_gemm_unavailable(x, w, glu)
     if reason:
         raise ValueError(reason)
-    return skinny_gemm_unchecked(x, w, launch or launch_for(w.shape[0], w.shape[1]), glu=glu, pdl=pdl)
+    return skinny_gemm_unchecked(x, w, launch or launch_for(w.shape[0], w.shape[1]), glu=glu)
 
 
 def skinny_gemm_unchecked(x: torch.Tensor, w: torch.Tensor, launch: GemmLaunch, *, glu: bool = False,
-                          pdl: bool = False, parts: bool = False) -> torch.Tensor:
+                          parts: bool = False) -> torch.Tensor:
     """:func:`skinny_gemm` without its checks (the fused layers checked once). Inside ``torch.compile`` a split
     GEMM returns its fp32 parts to the graph and sums them there, where Inductor fuses the sum into the next kernel;
     ``parts=True`` returns them ``[splits, M, N]`` unsummed (for :func:`sum_parts` in a later compiled function)."""
     args = (launch.bn, launch.bk, launch.splits, launch.num_warps, launch.num_stages, launch.tma, glu)
     if torch.compiler.is_compiling() and not glu and _split_k(x.shape[1], launch.bk, launch.splits)[0] > 1:
-        split = torch.ops.janus_decoding.skinny_gemm(x, w, *args, True, pdl)
+        split = torch.ops.janus_decoding.skinny_gemm(x, w, *args, True)
         return split if parts else sum_parts(split, x.dtype)
-    return torch.ops.janus_decoding.skinny_gemm(x, w, *args, False, pdl)
+    return torch.ops.janus_decoding.skinny_gemm(x, w, *args, False)
 
 
 def sum_parts(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -189,23 +164,7 @@ def _out_shape(x: torch.Tensor, w: torch.Tensor, bk: int, splits: int, glu: bool
 
 
 _SCHEMA = ("(Tensor x, Tensor w, int bn, int bk, int splits, int num_warps, int num_stages, bool tma, bool glu, "
-           "bool parts, bool pdl) -> Tensor")
-
-
-def _skinny_gemm_op(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, splits: int, num_warps: int,
-                    num_stages: int, tma: bool, glu: bool, parts: bool, pdl: bool) -> torch.Tensor:
-    """The launch itself. ``parts``: a split GEMM returns ``[splits, M, N]`` fp32 parts for the caller to sum."""
-    if pdl and _PDL_FAILED:
-        pdl = False
-    try:
-        return _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl)
-    except Exception as error:  # noqa: BLE001 - a Triton build failure of the PDL variant: say so once, go without
-        if not pdl:
-            raise
-        _PDL_FAILED.append(f"a launch with programmatic dependent launch failed ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''})")
-        warnings.warn(f"skinny_gemm: {_PDL_FAILED[0]}; launching without it", RuntimeWarning, stacklevel=2)
-        return _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, False)
+           "bool parts) -> Tensor")
 
 
 def _tma_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -227,18 +186,18 @@ def _tensor_descriptor() -> Any:
     return TensorDescriptor
 
 
-def _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl) -> torch.Tensor:
+def _skinny_gemm_op(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, splits: int, num_warps: int,
+                    num_stages: int, tma: bool, glu: bool, parts: bool) -> torch.Tensor:
+    """The launch itself. ``parts``: a split GEMM returns ``[splits, M, N]`` fp32 parts for the caller to sum."""
     kernels = load_kernels()
     m, k = x.shape
     n = w.shape[0]
     rows = _rows_block(m)
     shape, dtype = _out_shape(x, w, bk, splits, glu, parts)
     tma = tma and _tma_usable(x, w)
-    options = dict(BM=rows, BK=bk, PDL=pdl, num_warps=num_warps, num_stages=num_stages)
+    options = dict(BM=rows, BK=bk, num_warps=num_warps, num_stages=num_stages)
     if not tma:
         options["PRECISION"] = "ieee" if x.dtype == torch.float32 else None
-    if pdl:
-        options["launch_pdl"] = True
     if glu:
         y = torch.empty(shape, dtype=dtype, device=x.device)
         half = max(16, bn // 2)
@@ -276,7 +235,7 @@ def _launch(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl) -
     return y
 
 
-def _fake(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts, pdl) -> torch.Tensor:
+def _fake(x, w, bn, bk, splits, num_warps, num_stages, tma, glu, parts) -> torch.Tensor:
     shape, dtype = _out_shape(x, w, bk, splits, glu, parts)
     return x.new_empty(shape, dtype=dtype)
 

@@ -3,10 +3,8 @@
 A module of their own so that :mod:`core.skinny_gemm` imports without Triton; the contract, the launch settings and
 why these kernels exist are documented there.
 
-Both kernels form the product weight-major (``w_tile @ x.T``: the weight tile is the MMA's first operand, as cuBLAS
-does at few rows). ``PDL`` (programmatic dependent launch, Hopper on): the program reads its first weight tile —
-which no earlier kernel writes — before waiting for the kernel in front of it to finish, and lets the kernel behind
-it launch at once, so the launch and the first loads overlap the previous kernel's tail.
+The kernels form the product weight-major (``w_tile @ x.T``: the weight tile is the MMA's first operand, as cuBLAS
+does at few rows).
 """
 
 import triton
@@ -14,25 +12,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _first_tile_then_wait(w_ptrs, w_ok):
-    """The first weight tile, read before ``griddepcontrol.wait`` (no kernel in front of us writes weights); then
-    the wait, after which the previous kernel's writes are visible."""
-    w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-    tl.extra.cuda.gdc_wait()
-    return w
-
-
-@triton.jit
-def _let_the_next_kernel_launch(PDL: tl.constexpr):
-    """With PDL, after the K loop: the next kernel's programs may start once every program here got this far — in
-    the last wave's tail, not earlier (programs launched early hold shared memory this kernel's later waves need)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, som, sos,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Program (n tile, split): ``out[split, :M, tile] = x[:M, ks] @ w[tile, ks].T`` over the split's ``k_per_split``
     columns ``ks`` (a multiple of BK), accumulated in fp32 in one fixed order, stored in ``out``'s dtype.
@@ -49,30 +30,20 @@ def skinny_gemm_partial(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, sxm, swn, s
     row_ok = rm[:, None] < M
     col_ok = rn[:, None] < N
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    k_first = k_start
-    if PDL:  # the first K step before the loop, so that its weight tile is read before the wait
-        k_ok = (k_start + rk)[None, :] < k_stop
-        w = _first_tile_then_wait(w_ptrs, col_ok & k_ok)
-        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BN, BM]
-        x_ptrs += BK
-        w_ptrs += BK
-        k_first = k_start + BK
-    for k in range(k_first, k_stop, BK):
+    for k in range(k_start, k_stop, BK):
         k_ok = (k + rk)[None, :] < k_stop
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
         w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         x_ptrs += BK
         w_ptrs += BK
-    _let_the_next_kernel_launch(PDL)
     out = out_ptr + split * sos + rm[:, None] * som + rn[None, :]
     tl.store(out, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
 
 
 @triton.jit
 def skinny_gemm_glu(x_ptr, w_ptr, out_ptr, M, INNER, K, sxm, swn, som, BM: tl.constexpr, BH: tl.constexpr,
-                    BK: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr):
+                    BK: tl.constexpr, PRECISION: tl.constexpr):
     """A LLaMA MLP's gate/up GEMM with SiLU·mul in its epilogue: ``w`` is ``[gate; up]`` (``2·INNER`` rows), and
     program ``tile`` computes gate rows ``tile·BH …`` and the same up rows, then stores
     ``silu(gate) · up`` ``[:M, tile]`` — the ``[M, 2·INNER]`` product never goes through memory.
@@ -89,19 +60,7 @@ def skinny_gemm_glu(x_ptr, w_ptr, out_ptr, M, INNER, K, sxm, swn, som, BM: tl.co
     col_ok = rn[:, None] < INNER
     acc_g = tl.zeros((BH, BM), dtype=tl.float32)
     acc_u = tl.zeros((BH, BM), dtype=tl.float32)
-    k_first = 0
-    if PDL:  # the first K step before the loop, so that its weight tiles are read before the wait
-        k_ok = rk[None, :] < K
-        u = tl.load(u_ptrs, mask=col_ok & k_ok, other=0.0)
-        g = _first_tile_then_wait(g_ptrs, col_ok & k_ok)
-        x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
-        acc_g = tl.dot(g, tl.trans(x), acc_g, input_precision=PRECISION)  # [BH, BM]
-        acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision=PRECISION)
-        x_ptrs += BK
-        g_ptrs += BK
-        u_ptrs += BK
-        k_first = BK
-    for k in range(k_first, K, BK):
+    for k in range(0, K, BK):
         k_ok = (k + rk)[None, :] < K
         x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
         g = tl.load(g_ptrs, mask=col_ok & k_ok, other=0.0)
@@ -111,7 +70,6 @@ def skinny_gemm_glu(x_ptr, w_ptr, out_ptr, M, INNER, K, sxm, swn, som, BM: tl.co
         x_ptrs += BK
         g_ptrs += BK
         u_ptrs += BK
-    _let_the_next_kernel_launch(PDL)
     dtype = out_ptr.dtype.element_ty
     gate = tl.trans(acc_g).to(dtype).to(tl.float32)
     up = tl.trans(acc_u).to(dtype).to(tl.float32)
@@ -122,7 +80,7 @@ def skinny_gemm_glu(x_ptr, w_ptr, out_ptr, M, INNER, K, sxm, swn, som, BM: tl.co
 
 @triton.jit
 def skinny_gemm_tma(x_desc, w_desc, out_ptr, M, N, K, k_per_split, som, sos, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, PDL: tl.constexpr):
+                    BK: tl.constexpr):
     """:func:`skinny_gemm_partial` (bf16/fp16) with the tiles brought in by the Hopper tensor-memory accelerator
     (host-built descriptors of ``x`` ``[M, K]`` and ``w`` ``[N, K]``): one instruction a tile instead of per-thread
     address arithmetic, and out-of-range rows and columns read as zeros."""
@@ -131,18 +89,10 @@ def skinny_gemm_tma(x_desc, w_desc, out_ptr, M, N, K, k_per_split, som, sos, BM:
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    k_first = k_start
-    if PDL:
-        w = w_desc.load([tile * BN, k_start])
-        tl.extra.cuda.gdc_wait()
-        x = x_desc.load([0, k_start])
-        acc = tl.dot(w, tl.trans(x), acc)
-        k_first = k_start + BK
-    for k in range(k_first, k_stop, BK):
+    for k in range(k_start, k_stop, BK):
         w = w_desc.load([tile * BN, k])
         x = x_desc.load([0, k])
         acc = tl.dot(w, tl.trans(x), acc)
-    _let_the_next_kernel_launch(PDL)
     rn = tile * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     out = out_ptr + split * sos + rm[:, None] * som + rn[None, :]
@@ -151,29 +101,19 @@ def skinny_gemm_tma(x_desc, w_desc, out_ptr, M, N, K, k_per_split, som, sos, BM:
 
 @triton.jit
 def skinny_gemm_glu_tma(x_desc, w_desc, out_ptr, M, INNER, K, som, BM: tl.constexpr, BH: tl.constexpr,
-                        BK: tl.constexpr, PDL: tl.constexpr):
+                        BK: tl.constexpr):
     """:func:`skinny_gemm_glu` with the tiles brought in by the tensor-memory accelerator (see
     :func:`skinny_gemm_tma`); ``w_desc``'s block is ``[BH, BK]``, its gate rows at ``tile·BH`` and up rows
     ``INNER`` further."""
     tile = tl.program_id(0)
     acc_g = tl.zeros((BH, BM), dtype=tl.float32)
     acc_u = tl.zeros((BH, BM), dtype=tl.float32)
-    k_first = 0
-    if PDL:
-        g = w_desc.load([tile * BH, 0])
-        u = w_desc.load([INNER + tile * BH, 0])
-        tl.extra.cuda.gdc_wait()
-        x = x_desc.load([0, 0])
-        acc_g = tl.dot(g, tl.trans(x), acc_g)
-        acc_u = tl.dot(u, tl.trans(x), acc_u)
-        k_first = BK
-    for k in range(k_first, K, BK):
+    for k in range(0, K, BK):
         x = x_desc.load([0, k])
         g = w_desc.load([tile * BH, k])
         u = w_desc.load([INNER + tile * BH, k])
         acc_g = tl.dot(g, tl.trans(x), acc_g)
         acc_u = tl.dot(u, tl.trans(x), acc_u)
-    _let_the_next_kernel_launch(PDL)
     dtype = out_ptr.dtype.element_ty
     gate = tl.trans(acc_g).to(dtype).to(tl.float32)
     up = tl.trans(acc_u).to(dtype).to(tl.float32)

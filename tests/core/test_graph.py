@@ -16,7 +16,6 @@ import janus_decoding
 from janus_decoding.core import graph as graph_module
 from janus_decoding.core.decode_attention import decode_attention_unavailable
 from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
-from janus_decoding.core.skinny_gemm import skinny_gemm_cannot_run
 from janus_decoding.core.loop import Sampler, run
 from janus_decoding.core.protocol import KVAppend, LayerKeep, Rollback
 from janus_decoding.core.runs import ImageRequest, run_images
@@ -112,23 +111,15 @@ def test_triton_gemm_step_equals_core_loop(model, spec):
 
 def test_gemm_form_by_rows_device_and_options(model):
     """"auto" keeps cuBLAS on CPU; "triton" past its 64 rows says once why it cannot run and falls back; "matvec"
-    without compiled pieces falls back too; programmatic dependent launch needs CUDA and says so when asked for."""
+    without compiled pieces falls back too."""
     loop = FastLoop(FastOptions(graphs=False))
     _generate(model, Decoder(), loop)
-    assert loop.stats["gemm"] == "cublas" and loop.stats["pdl"] == "off"
+    assert loop.stats["gemm"] == "cublas"
     graph_module._SAID.clear()
     loop = FastLoop(FastOptions(graphs=False, gemm="matvec"))
     with pytest.warns(EagerStepWarning, match="gemm='matvec' needs"):
         _generate(model, Decoder(), loop)
     assert loop.stats["gemm"] == "cublas"
-    if skinny_gemm_cannot_run(torch.device("cpu")) is None:
-        graph_module._SAID.clear()
-        loop = FastLoop(FastOptions(graphs=False, gemm="triton", pdl="on"))
-        with pytest.warns(EagerStepWarning, match="programmatic dependent launch is off"):
-            _generate(model, Decoder(), loop)
-        assert loop.stats["gemm"] == "triton" and loop.stats["pdl"] == "off"
-    with pytest.raises(ValueError, match="`pdl`"):
-        FastOptions(pdl="yes")
 
 
 @NO_CPU_TRITON
