@@ -55,7 +55,6 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-compiled": FastOptions(compile="inductor"),  # fused layers with Inductor-compiled layer pieces
     "graph-compiled-cublas": FastOptions(compile="inductor", gemm="cublas"),  # the same with cuBLAS's GEMMs
     "graph-compiled-b32": FastOptions(compile="inductor", bucket=32),  # reads less, captures twice the graphs
-    "graph-compiled-prefetch": FastOptions(compile="inductor", prefetch=True),  # o-proj weights into L2 beside attention
     "graph-cublas": FastOptions(gemm="cublas"),
     "graph-autotuned": FastOptions(compile="max-autotune"),  # the same, GEMMs timed against Triton templates
     # the project's split-KV decode attention instead of SDPA ("auto" picks SDPA at 16 images with CFG)

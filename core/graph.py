@@ -64,7 +64,6 @@ from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedul
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
 from .sampling import race_from, row_key_hash, vocab_hash
-from .l2_prefetch import L2Prefetcher
 from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .state import StepState
 
@@ -106,9 +105,6 @@ class FastOptions:
     # one-row multiply-reduce when compiling one row (text at batch 1), else "cublas"
     # ("matvec" asks for that multiply-reduce; compiled pieces only)
     gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
-    # fused layers on CUDA: read each layer's output-projection weight into L2 on a side stream while its attention
-    # runs (core/l2_prefetch.py)
-    prefetch: bool = False
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -238,12 +234,6 @@ class _Stepper:
         if self.attention == "flash" and min(self.capacity) < cache.max_len:
             _say_once("fast path: layers with a shorter cache; attention uses the masked sdpa kernel instead of flash")
             self.attention = "sdpa"
-        self.prefetcher = None
-        if options.prefetch:
-            if device.type == "cuda" and layer_weights is not None:
-                self.prefetcher = L2Prefetcher(device)
-            else:
-                _say_once("fast path: `prefetch` needs CUDA and the fused layers; off")
         self.dirty = True  # host state is newer than the buffers
         self.stream = torch.cuda.Stream(device=device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
@@ -458,7 +448,6 @@ class _Stepper:
         kernel_writes = self.attention == "triton"  # the decode kernel stores k/v itself; else the first half does
         first_half, second_half = _layer_pieces(self.options.compile, gemm, writes_cache=not kernel_writes)
         cache = self.state.cache
-        prefetch = self.prefetcher
         delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
             nq = w.o.shape[1] // d
@@ -470,12 +459,8 @@ class _Stepper:
                 k = v = None
             if index in wanted:
                 captured[index] = h
-            if prefetch is not None:
-                prefetch.start(w.o)
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
             h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm)
-        if prefetch is not None:
-            prefetch.join(h.device)
         h = add_delta(h, delta)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
