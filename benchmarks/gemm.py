@@ -86,10 +86,13 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
             return F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
 
         step["cublas_silu_mul_us"] = per_gemm_us(unfused)
-        glu_err = (skinny_gemm(x, weights[0], default, glu=True).float() - unfused(weights[0]).float()).abs().max()
+        glu_err = (skinny_gemm(x, weights[0], launch_for(n, k, glu=True), glu=True).float()
+                   - unfused(weights[0]).float()).abs().max()
         step["glu_max_abs_err"] = glu_err.item()
-        step["glu_us"] = per_gemm_us(lambda w: skinny_gemm(x, w, default, glu=True))
-        step["glu_us_tma"] = per_gemm_us(lambda w: skinny_gemm(x, w, tma, glu=True))
+        glu = launch_for(n, k, glu=True)
+        step["glu_launch"] = glu.__dict__
+        step["glu_us"] = per_gemm_us(lambda w: skinny_gemm(x, w, glu, glu=True))
+        step["glu_us_tma"] = per_gemm_us(lambda w: skinny_gemm(x, w, dataclasses.replace(glu, tma=True), glu=True))
         step["glu_launches"] = []
         for launch in GLU_LAUNCHES:  # a gate and an up tile of bn/2 rows each a program
             us = per_gemm_us(lambda w, launch=launch: skinny_gemm(x, w, launch, glu=True))

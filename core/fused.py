@@ -151,7 +151,7 @@ def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = 
     """``silu(x @ gate.T) · (x @ up.T)`` from the concatenated ``[gate; up]`` weight: with the Triton GEMM in its
     epilogue (no SiLU·mul kernel, no ``[B, 2·I]`` product in memory), otherwise as the GEMM and then the ops."""
     if gemm == "triton":
-        return skinny_gemm_unchecked(x, gate_up_weight, launch_for(*gate_up_weight.shape), glu=True)
+        return skinny_gemm_unchecked(x, gate_up_weight, launch_for(*gate_up_weight.shape, glu=True), glu=True)
     gate_up = _linear(x, gate_up_weight, gemm)  # [B, 2·I]
     inner = gate_up.shape[1] // 2
     return F.silu(gate_up[:, :inner]) * gate_up[:, inner:]
