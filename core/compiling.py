@@ -51,7 +51,7 @@ def compiled(fn: Callable, backend: str, *, tune_reductions: bool = False,
         _allow_recompiles()
         if backend == MAX_AUTOTUNE and not settings:
             _COMPILED[key] = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=False)
-        elif backend == MAX_AUTOTUNE:  # torch.compile takes a mode or options, not both: the mode's settings spelled out
+        elif backend == MAX_AUTOTUNE:  # torch.compile takes a mode or options, not both: the mode's options spelled
             options = {"max_autotune": True, "triton.cudagraphs": False, **settings}
             _COMPILED[key] = torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False, options=options)
         else:

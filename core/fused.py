@@ -4,7 +4,8 @@ A decoder layer for one new token per row, as two functions around attention (wh
 the cache): ``_attention_inputs`` (the previous MLP's residual → rms norm → one q/k/v GEMM → rotary; pure) or
 ``_attention_inputs_cached`` (the same, storing the new k/v into the cache it is handed) and
 ``_layer_rest`` (output projection and residual → rms norm → one gate/up GEMM → SiLU·mul → down projection, whose
-residual the next layer adds; with the Triton GEMM, SiLU·mul runs in the gate/up GEMM's epilogue). Each residual add sits in front of a norm so that a compiler fuses the two.
+residual the next layer adds; with the Triton GEMM, SiLU·mul runs in the gate/up GEMM's epilogue). Each residual add
+sits in front of a norm so that a compiler fuses the two.
 ``fuse_projections`` concatenates each layer's q/k/v and gate/up weights once, leaving the modules views of them.
 ``_layer_pieces`` hands the two functions out plain or through ``torch.compile`` (``core/compiling.py``: one
 wrapper per function and backend for the process).
