@@ -7,8 +7,9 @@ per layer (as many layers as the model has, at least 256 MB of weights, so they 
 one GEMM per layer captured as one CUDA graph and replayed; CUDA events, median of replays, divided by the layers.
 Every launch configuration is checked against ``F.linear`` first (a wrong one is reported, not timed). Reports
 µs per GEMM, the weight bytes over that time (TB/s) and the best configurations per shape; and for the launch the
-step uses (``launch_for``): through the tensor-memory accelerator (``tma``), and for gate/up the SiLU·mul epilogue
-(a few launches) against cuBLAS + the two ops. ``--sweep no`` times only those.
+step uses (``launch_for``): through the tensor-memory accelerator (``tma``), for the output and down projections split
+in 1, 2 or 4 without the sum kernel (``parts``: the compiled step sums them in the next norm kernel), and for
+gate/up the SiLU·mul epilogue (a few launches) against cuBLAS + the two ops. ``--sweep no`` times only those.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def run_shape(name: str, rows: int, configs: list[GemmLaunch], replays: int, dev
     step = {"launch": default.__dict__, "us": per_gemm_us(lambda w: skinny_gemm(x, w, default)),
             "us_tma": per_gemm_us(lambda w: skinny_gemm(x, w, tma))}
     step["tma_equal"] = torch.equal(skinny_gemm(x, weights[0], tma), skinny_gemm(x, weights[0], default))
+    if k >= n:  # compiled, the step hands split parts to the next norm kernel: time the GEMM without its sum kernel
+        step["parts"] = []
+        for splits, stages in itertools.product((1, 2, 4), (4, 6)):
+            launch = dataclasses.replace(default, splits=splits, num_stages=stages)
+            args = (launch.bn, launch.bk, splits, launch.num_warps, stages, launch.tma, False, True)
+            us = per_gemm_us(lambda w, args=args: torch.ops.janus_decoding.skinny_gemm(x, w, *args))
+            step["parts"].append({"splits": splits, "num_stages": stages, "us": us})
     if name.endswith("gate_up"):
         inner = n // 2
 
