@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .triton_support import triton_cannot_run
 
 __all__ = ["Launch", "decode_attention", "decode_attention_reference", "decode_attention_unavailable",
            "few_programs", "launch_config"]
@@ -86,15 +87,8 @@ def decode_attention_unavailable(device: torch.device, head_dim: int) -> str | N
     """Why the kernels cannot run here, or None."""
     if head_dim & (head_dim - 1) or head_dim < 16:
         return f"head dim {head_dim} is not a power of two >= 16"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        return "the Triton kernels need compute capability 8.0 or newer (bf16 tensor cores)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed"
-    return None
+    why = triton_cannot_run(device)
+    return None if why is None else f"the Triton kernels {why}"
 
 
 def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,

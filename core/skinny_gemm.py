@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import torch
+
+from .triton_support import triton_cannot_run
 
 __all__ = [
     "AUTO_ROWS", "GemmLaunch", "launch_for", "load_kernels", "skinny_gemm", "skinny_gemm_cannot_run",
@@ -69,15 +70,8 @@ def skinny_gemm_unavailable(x: torch.Tensor, w: torch.Tensor, glu: bool = False)
 
 def skinny_gemm_cannot_run(device: torch.device) -> str | None:
     """Why the kernel cannot run on ``device`` at all, or None."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "skinny_gemm: the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        return "skinny_gemm: the Triton kernel needs compute capability 8.0 or newer (bf16 tensor cores)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "skinny_gemm: Triton is not installed"
-    return None
+    why = triton_cannot_run(device)
+    return None if why is None else f"skinny_gemm: the Triton kernels {why}"
 
 
 _KERNELS: Any = None  # core.skinny_gemm_kernels once imported
