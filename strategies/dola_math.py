@@ -140,9 +140,12 @@ def layer_distance(
     """
     if kind not in ("official", "textbook"):
         raise ValueError(f"`kind` must be 'official' or 'textbook', got {kind!r}")
-    final = final_logits.unsqueeze(0)  # [1, ..., V]
-    ls_n = torch.log_softmax(final, dim=-1)  # [1, ..., V]
-    ls_j = torch.log_softmax(premature_logits, dim=-1)  # [J, ..., V]
+    ls_n = torch.log_softmax(final_logits.unsqueeze(0), dim=-1)  # [1, ..., V]
+    return _distance(ls_n, torch.log_softmax(premature_logits, dim=-1), kind)
+
+
+def _distance(ls_n: torch.Tensor, ls_j: torch.Tensor, kind: str) -> torch.Tensor:
+    """:func:`layer_distance` from the log-probabilities ``[1, ..., V]`` and ``[J, ..., V]``."""
     mix = 0.5 * (ls_n.exp() + ls_j.exp())  # [J, ..., V]
     log_mix = mix.log()  # -inf where both distributions have no mass
     if kind == "official":
@@ -266,6 +269,12 @@ def dola_contrast(
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
     ls_final = torch.log_softmax(final_logits, dim=-1)  # [R, V]
     ls_premature = torch.log_softmax(premature_logits.to(ls_final.dtype), dim=-1)  # [R, V]
+    return _contrast(ls_final, ls_premature, alpha, min_tokens_to_keep)
+
+
+def _contrast(ls_final: torch.Tensor, ls_premature: torch.Tensor, alpha: _Scalar,
+              min_tokens_to_keep: int) -> torch.Tensor:
+    """:func:`dola_contrast` from the log-probabilities ``[R, V]`` of the final and the premature layer."""
     ls_premature = ls_premature.clamp_min(torch.finfo(ls_final.dtype).min)
     head = _plausible(ls_final, alpha, min_tokens_to_keep)  # [R, V] bool
     contrast = ls_final - ls_premature
@@ -296,13 +305,20 @@ def dola_step(
       one candidate (``test_step_is_the_composition``)
     - compiles with ``fullgraph=True`` (``test_compile_fullgraph``)
     """
+    if distance not in ("official", "textbook"):
+        raise ValueError(f"`distance` must be 'official' or 'textbook', got {distance!r}")
+    if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise ValueError(f"`min_tokens_to_keep` must be an int >= 1, got {min_tokens_to_keep!r}")
+    if not isinstance(alpha, torch.Tensor) and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
     rows = final_logits.shape[0]
-    final = final_logits.float()
-    early = premature_logits.float()
-    if early.shape[0] == 1:
-        index = torch.zeros(rows, dtype=torch.long, device=final.device)
+    # each log-softmax once: the distance and the contrast share them (two vocabulary-wide reductions fewer a step)
+    ls_final = torch.log_softmax(final_logits.float(), dim=-1)  # [R, V]
+    ls_early = torch.log_softmax(premature_logits.float(), dim=-1)  # [J, R, V]
+    if ls_early.shape[0] == 1:
+        index = torch.zeros(rows, dtype=torch.long, device=ls_final.device)
     else:
-        index = select_premature(layer_distance(final, early, kind=distance), selection=selection)  # [R]
-    premature = early[index, torch.arange(rows, device=final.device)]  # [R, V]
-    contrast = dola_contrast(final, premature, alpha=alpha, min_tokens_to_keep=min_tokens_to_keep)
+        index = select_premature(_distance(ls_final[None], ls_early, distance), selection=selection)  # [R]
+    ls_premature = ls_early[index, torch.arange(rows, device=ls_final.device)]  # [R, V]
+    contrast = _contrast(ls_final, ls_premature, alpha, min_tokens_to_keep)
     return contrast.to(final_logits.dtype), index

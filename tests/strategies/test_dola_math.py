@@ -414,6 +414,14 @@ def test_step_is_the_composition(data):
     assert torch.equal(contrast, want) and contrast.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kwargs, match", [({"distance": "cosine"}, "`distance`"), ({"alpha": 1.5}, "`alpha`"),
+                                           ({"min_tokens_to_keep": 0}, "`min_tokens_to_keep`")])
+def test_step_refuses_bad_parameters_in_one_line(kwargs, match):
+    """dola_step computes the distance and the contrast itself, so it checks their parameters itself."""
+    with pytest.raises(ValueError, match=match):
+        dola_step(torch.zeros(2, 5), torch.zeros(3, 2, 5), **kwargs)
+
+
 def test_invariants_name_existing_tests():
     for name in dola_math.__all__:
         section = getattr(dola_math, name).__doc__.split("Invariants:")[1]
