@@ -1,7 +1,7 @@
 """Attention for one new token per row over the static KV cache, as two Triton kernels (split-KV decoding).
 
 Why a kernel of our own: the fast step's attention reads up to ~600 cached positions for each of 32 rows and 32
-heads with one query each. SDPA must be handed a fixed read length inside a CUDA graph (a bucket: up to 63 slots
+heads with one query each. SDPA must be handed a fixed read length inside a CUDA graph (a bucket: up to 31 slots
 read for nothing, and one graph per bucket) and a materialised additive mask; its kernels spread one (row, head)
 over one thread block, which leaves most of the GPU idle at batch 1. Here:
 

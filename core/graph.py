@@ -92,7 +92,9 @@ class FastOptions:
     # "auto": "triton" where few (row, head) pairs leave SDPA's kernels short of work (text at small batch) and the
     # kernels can run, else "sdpa" (what measured fastest on an H200 for each; benchmarks/README.md)
     attention: Literal["auto", "sdpa", "flash", "triton"] = "auto"
-    bucket: int = 64  # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache)
+    # "sdpa": read lengths are rounded up to a multiple of this (0 = the whole cache, one graph); 32 measured 0.4 and
+    # 0.8 % faster than 64 at the 7B image batch, for twice the captured graphs (benchmarks/README.md)
+    bucket: int = 32
     split: int = 0  # "triton": cache slots each attention program reads (a power of two; 0 = per launch_config)
     check_syncs: bool = False  # CUDA, graph-free: run each step under torch.cuda.set_sync_debug_mode("error")
     # fused layers: compile the two pure pieces of a layer, the core's sampling math and strategies' `state.compiled`
