@@ -64,7 +64,12 @@ class DoLa(Strategy):
         return self._layers
 
     def hidden_states(self, state, hidden: dict[int, torch.Tensor]) -> None:
-        state.memory["dola.hidden"] = torch.stack([hidden[k] for k in self._layers])  # [J, B, H]
+        parts = [hidden[k] for k in self._layers]
+        kept = state.memory.get("dola.hidden")  # [J, B, H]
+        if kept is not None and kept.shape == (len(parts), *parts[0].shape) and kept.dtype == parts[0].dtype:
+            torch.stack(parts, out=kept)  # in place: a captured step then needs no copy back into the buffer
+        else:
+            state.memory["dola.hidden"] = torch.stack(parts)
 
     def post_cfg(self, state, logits: torch.Tensor) -> torch.Tensor:
         early = state.heads(state.memory["dola.hidden"], final_norm=self._final_norm)  # [J, B, V]
