@@ -55,6 +55,8 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-compiled": FastOptions(compile="inductor"),  # fused layers with Inductor-compiled layer pieces
     "graph-compiled-cublas": FastOptions(compile="inductor", gemm="cublas"),  # the same with cuBLAS's GEMMs
     "graph-compiled-b64": FastOptions(compile="inductor", bucket=64),  # reads more, captures half the graphs
+    # the output and down projections split into 4 K parts (256 programs) instead of 2
+    "graph-compiled-split256": FastOptions(compile="inductor", split_programs=256),
     "graph-cublas": FastOptions(gemm="cublas"),
     "graph-autotuned": FastOptions(compile="max-autotune"),  # the same, GEMMs timed against Triton templates
     # the project's split-KV decode attention instead of SDPA ("auto" picks SDPA at 16 images with CFG)

@@ -25,6 +25,35 @@ def _group(name: str) -> str:
     return "other"
 
 
+# Idle stretches of the GPU by length: between the kernels of a graph replay (launch latency), short waits, and
+# the host keeping the GPU waiting (prefill launches, captures, the eager warm-up step, the run's setup).
+IDLE_CLASSES = (("under_5us", 5.0), ("5us_to_100us", 100.0), ("over_100us", float("inf")))
+
+
+def idle_time(spans: list[tuple[float, float]]) -> dict[str, Any]:
+    """From kernels' (start, end) in µs: the busy span and the idle time inside it, by the length of each idle
+    stretch (``IDLE_CLASSES``) — what separates GPU time from the wall time of a call."""
+    if not spans:
+        return {}
+    spans = sorted(spans)
+    classes = {name: {"us": 0.0, "count": 0} for name, _ in IDLE_CLASSES}
+    busy_until = spans[0][1]
+    largest: list[tuple[float, float]] = []  # (gap, where it starts, µs after the first kernel)
+    for start, end in spans[1:]:
+        gap = start - busy_until
+        if gap > 0:
+            largest = sorted(largest + [(gap, busy_until - spans[0][0])], reverse=True)[:8]
+            for name, bound in IDLE_CLASSES:
+                if gap < bound:
+                    classes[name]["us"] += gap
+                    classes[name]["count"] += 1
+                    break
+        busy_until = max(busy_until, end)
+    span = busy_until - spans[0][0]
+    return {"span_us": round(span, 1), "largest": [{"us": round(g, 1), "at_us": round(a, 1)} for g, a in largest],
+            "classes": {k: {"us": round(v["us"], 1), "count": v["count"]} for k, v in classes.items()}}
+
+
 def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[str, Any]:
     """Run ``fn`` once under the profiler; GPU microseconds per step by group, kernel launches per step, top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -34,9 +63,11 @@ def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[s
         fn()
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
+    spans: list[tuple[float, float]] = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
             kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
+            spans.append((event.time_range.start, event.time_range.end))
     groups: dict[str, dict[str, float]] = {}
     for name, times in kernels.items():
         entry = groups.setdefault(_group(name), {"us_per_step": 0.0, "kernels_per_step": 0.0})
@@ -47,6 +78,7 @@ def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[s
         "steps": steps,
         "groups": {k: {m: round(v, 1) for m, v in e.items()} for k, e in sorted(groups.items())},
         "total_us_per_step": round(sum(e["us_per_step"] for e in groups.values()), 1),
+        "idle": idle_time(spans),
         "top": [{"name": name[:120], "group": _group(name), "us_per_step": round(sum(t) / steps, 1),
                  "calls_per_step": round(len(t) / steps, 2)} for name, t in ranked],
     }

@@ -119,7 +119,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 GEMM_FORMS = ("cublas", "matvec", "triton")
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", parts: bool = False) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", parts: bool = False,
+            programs: int = 128) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` ``[M, K]``, ``weight`` ``[N, K]``, in one of three forms (``GEMM_FORMS``):
 
     * ``"cublas"``: ``F.linear``.
@@ -132,12 +133,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, gemm: str = "cublas", parts: 
     * ``"triton"`` (2–64 rows, the image batch): :mod:`core.skinny_gemm`'s kernel, whose launch fills the GPU where
       cuBLAS's tiles leave multiprocessors idle or add a split-K reduction (``benchmarks/gemm.py``). Compiled, a
       split GEMM's parts are summed by the kernel that reads the result (``parts=True``: returned unsummed,
-      ``[splits, M, N]`` fp32, for a later compiled function to add with :func:`add_delta`).
+      ``[splits, M, N]`` fp32, for a later compiled function to add with :func:`add_delta`); ``programs``: how many
+      programs a split GEMM aims at (``launch_for``).
     """
     if gemm == "matvec":
         return (x.float()[:, None, :] * weight.float()[None]).sum(-1).to(x.dtype)
     if gemm == "triton":
-        launch = launch_for(weight.shape[0], weight.shape[1], caller_sums=torch.compiler.is_compiling())
+        launch = launch_for(weight.shape[0], weight.shape[1], caller_sums=torch.compiler.is_compiling(),
+                            programs=programs)
         return skinny_gemm_unchecked(x, weight, launch, parts=parts)
     return F.linear(x, weight)
 
@@ -196,15 +199,16 @@ def _attention_inputs_cached(h: torch.Tensor, delta: torch.Tensor | None, ln: to
 
 def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor, ln: torch.Tensor, eps: float,
                 gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-                gemm: str = "cublas") -> tuple[torch.Tensor, torch.Tensor]:
+                gemm: str = "cublas", programs: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's second half after attention: output projection + residual → rms norm → gate/up → SiLU·mul → down.
     ``[B, H]``, ``[B, nq·D]`` → ``h`` after the attention residual and the MLP's output ``delta``, which the next
     layer's first half (or the loop, after the last layer) adds with :func:`add_delta` (compiled with the Triton
     GEMM, ``delta`` is the down projection's unsummed split parts: their sum joins the next norm's kernel).
-    transformers' arithmetic: each projection rounded to the dtype, then the residual added."""
-    h = h + _linear(attended, o_weight, gemm)
+    transformers' arithmetic: each projection rounded to the dtype, then the residual added. ``programs``: what the
+    split-K output and down projections aim at (``launch_for``)."""
+    h = h + _linear(attended, o_weight, gemm, programs=programs)
     inner = _gated_mlp_inner(rms_norm(h, ln, eps), gate_up_weight, gemm)  # [B, I]
-    return h, _linear(inner, down_weight, gemm, parts=True)
+    return h, _linear(inner, down_weight, gemm, parts=True, programs=programs)
 
 
 def _layer_pieces(backend: str | None, gemm: str = "cublas",

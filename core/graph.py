@@ -107,6 +107,8 @@ class FastOptions:
     # one-row multiply-reduce when compiling one row (text at batch 1), else "cublas"
     # ("matvec" asks for that multiply-reduce; compiled pieces only)
     gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
+    # "triton": the programs a split-K GEMM (output and down projections) aims at (core.skinny_gemm.launch_for)
+    split_programs: int = 128
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -119,6 +121,8 @@ class FastOptions:
             raise ValueError(f"`bucket` must be an integer >= 0, got {self.bucket!r}")
         if self.gemm not in ("auto", *GEMM_FORMS):
             raise ValueError(f"`gemm` must be 'auto', 'cublas', 'triton' or 'matvec', got {self.gemm!r}")
+        if not isinstance(self.split_programs, int) or self.split_programs < 1:
+            raise ValueError(f"`split_programs` must be an integer >= 1, got {self.split_programs!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
             raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
 
@@ -462,7 +466,8 @@ class _Stepper:
             if index in wanted:
                 captured[index] = h
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
-            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm)
+            h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm,
+                                   programs=self.options.split_programs)
         h = add_delta(h, delta)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h

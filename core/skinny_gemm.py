@@ -96,12 +96,12 @@ def _rows_block(m: int) -> int:
 AUTO_ROWS = range(17, 33)
 
 
-def launch_for(n: int, k: int, caller_sums: bool = False, glu: bool = False) -> GemmLaunch:
+def launch_for(n: int, k: int, caller_sums: bool = False, glu: bool = False, programs: int = 128) -> GemmLaunch:
     """The launch measured fastest for a layer GEMM of 32 rows on an H200 (``benchmarks/gemm.py``): 64 columns per
     program, K in steps of 128 with four loads in flight. K is split where it is longer than N (the down
     projection) — or as long, when the caller sums the parts in a kernel it runs anyway (``caller_sums``: compiled,
-    the output projection's parts are summed in the residual add's kernel) — into as many parts as bring the
-    programs to ~128; tiles through the tensor-memory accelerator where it can (the same bits, 0.2–0.5 µs faster a
+    the output projection's parts are summed in the residual add's kernel) — into as many parts (at most 4) as
+    bring the programs to ``programs``; tiles through the tensor-memory accelerator where it can (the same bits, 0.2–0.5 µs faster a
     GEMM at the 7B shape). ``glu`` (the gate/up GEMM with SiLU·mul, N = 2·I): 64 gate and 64 up rows a program in K
     steps of 64 where that still makes ≥ 132 programs (45.3 µs against 49.6 at the 7B shape), else 32 and 32."""
     if glu:
@@ -111,7 +111,7 @@ def launch_for(n: int, k: int, caller_sums: bool = False, glu: bool = False) -> 
     splits = 1
     if k > n or (caller_sums and k == n):
         tiles = -(-n // 64)
-        while splits < 4 and tiles * splits < 128:
+        while splits < 4 and tiles * splits < programs:
             splits *= 2
     return GemmLaunch(bn=64, bk=128, splits=splits, num_warps=4, num_stages=4, tma=True)
 

@@ -64,6 +64,9 @@ def test_launch_rule():
     assert launch_for(12288, 4096, caller_sums=True).splits == 1
     assert launch_for(4096, 11008).splits == 2 and launch_for(2048, 5632).splits == 4
     assert launch_for(64, 9000).splits == 4
+    # more programs asked for: the output and down projections at the 7B shape in four parts (256 programs)
+    assert launch_for(4096, 4096, caller_sums=True, programs=256).splits == 4
+    assert launch_for(4096, 11008, programs=256).splits == 4 and launch_for(4096, 4096, programs=256).splits == 1
     # gate/up with SiLU·mul: 64 + 64 rows a program where that still fills an H200's 132 multiprocessors
     assert launch_for(22016, 4096, glu=True) == GemmLaunch(bn=128, bk=64, num_stages=4)
     assert launch_for(11264, 2048, glu=True) == GemmLaunch(bn=64, bk=128, num_stages=4)
