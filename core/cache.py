@@ -49,10 +49,16 @@ class StaticKVCache:
         self.read_len: int | None = None  # slots returned to attention; None = exactly what is filled
         self._pending = [0] * num_layers  # slots being written by the current forward
         self._write_slots: list[torch.Tensor] = []
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # a forward over distinct rows (begin_write)
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def begin_write(self, length: int, visible: torch.Tensor | None = None) -> None:
-        """Reserve ``length`` slots after each layer's fill; ``visible`` ``[B, length]`` says who may see them."""
+    def begin_write(self, length: int, visible: torch.Tensor | None = None,
+                    rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Reserve ``length`` slots after each layer's fill; ``visible`` ``[B, length]`` says who may see them.
+
+        ``rows`` = ``(first [U], inverse [B])``: the forward runs over U distinct rows only (a prefill of identical
+        prompts, ``core.loop.distinct_rows``); ``update`` then writes row ``inverse[b]``'s entries into row ``b``
+        and hands attention the cache of rows ``first``."""
         if max(self.fill) + length > self.max_len:
             raise RuntimeError(
                 f"KV cache overflow: {max(self.fill)} + {length} slots > {self.max_len} allocated "
@@ -62,6 +68,7 @@ class StaticKVCache:
         if visible is None:
             visible = torch.ones(self.batch, length, dtype=torch.bool, device=device)
         self._pending = [length] * self.num_layers
+        self._rows = rows
         self._write_slots = [torch.arange(f, f + length, device=device) for f in self.fill]
         for layer, f in enumerate(self.fill):
             self.valid[layer, :, f : f + length] = visible
@@ -83,6 +90,7 @@ class StaticKVCache:
         for layer in range(self.num_layers):
             self.fill[layer] += self._pending[layer]
         self._pending = [0] * self.num_layers
+        self._rows = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' attention hands us the new keys/values ``[B, H_kv, T, D]``; we return the readable cache."""
@@ -91,10 +99,15 @@ class StaticKVCache:
             raise RuntimeError(f"KV cache overflow in layer {layer_idx}: {self.written(layer_idx)} slots > "
                                f"{self.capacity[layer_idx]} allocated (a strategy declared a larger "
                                "`kv_layer_reduction` than it pruned)")
+        if self._rows is not None:  # entries of the distinct rows, written into every row they stand for
+            key_states, value_states = key_states[self._rows[1]], value_states[self._rows[1]]
         self.keys[layer_idx].index_copy_(2, slots, key_states.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, slots, value_states.to(self.values[layer_idx].dtype))
         end = self.read_len if self.read_len is not None else self.written(layer_idx)
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        keys, values = self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        if self._rows is not None:
+            return keys[self._rows[0]], values[self._rows[0]]
+        return keys, values
 
     # -- reading ---------------------------------------------------------------------------------------------
     def written(self, layer: int) -> int:

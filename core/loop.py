@@ -51,14 +51,21 @@ class RunResult:
 
 
 def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
-            new_valid: torch.Tensor, *, prefill: bool) -> torch.Tensor:
+            new_valid: torch.Tensor, *, prefill: bool,
+            rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Run ``[B, T, H]`` embeddings through every layer, writing T slots into the cache; returns the last output.
 
     During a prefill the layer hooks may shorten the sequence from their layer on; the hidden-states hooks see the
-    last position of the layers they asked for (only those are kept).
+    last position of the layers they asked for (only those are kept). ``rows`` = ``(first [U], inverse [B])``
+    (:func:`distinct_rows`): the layers run over the U distinct rows ``first`` only; the cache, the hidden-states
+    hooks and the kept prompt states still get all B rows (row b is row ``inverse[b]`` of the U), and the output
+    is ``[U, T, H]``.
     """
     adapter, cache = state.adapter, state.cache
-    cache.begin_write(embeds.shape[1], new_valid)
+    cache.begin_write(embeds.shape[1], new_valid, rows)
+    every_row = (lambda x: x) if rows is None else (lambda x: x[rows[1]])
+    if rows is not None:
+        embeds, positions = embeds[rows[0]], positions[rows[0]]
     cos_sin = adapter.rotary(embeds, positions)
     wanted = set(hooks.hidden_layers(state))
     points = set(hooks.layer_points(state)) if prefill else set()
@@ -74,17 +81,18 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
         if prefill and index in keep_inputs:
             state._layer_inputs[index] = h
         if prefill and index in state.memory.get("_prompt_layers", ()):
-            state._prompt_hidden[index] = h
+            state._prompt_hidden[index] = every_row(h)
         if index in wanted:
-            captured[index] = h[:, -1]
+            captured[index] = every_row(h[:, -1])
         group = cache.group[index]
         if group not in masks:
-            masks[group] = _attention_mask(cache, index, h.shape[1])
+            mask = _attention_mask(cache, index, h.shape[1])
+            masks[group] = mask if rows is None else mask[rows[0]]
         h = layer(h, masks[group], positions, cache, True, cos_sin)
     if adapter.num_layers in wanted:
-        captured[adapter.num_layers] = h[:, -1]
+        captured[adapter.num_layers] = every_row(h[:, -1])
     if prefill and adapter.num_layers in state.memory.get("_prompt_layers", ()):
-        state._prompt_hidden[adapter.num_layers] = h
+        state._prompt_hidden[adapter.num_layers] = every_row(h)
     cache.end_write()
     if captured:
         hooks.hidden_states(state, captured)
@@ -113,11 +121,42 @@ def _apply_keep(state, keep: LayerKeep, index, h, positions, adapter):
 
 
 def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor) -> torch.Tensor:
-    """The prompt's forward: input-embeddings hook, layers (with layer hooks), head → logits ``[B, V]``."""
+    """The prompt's forward: input-embeddings hook, layers (with layer hooks), head → logits ``[B, V]``.
+
+    Rows with identical inputs (the 16 images of one prompt with CFG share two: the prompt and the unconditional
+    one) are run once (:func:`distinct_rows`); every row still gets its cache entries, hidden states and logits."""
     embeds = hooks.input_embeddings(state, embeds)
-    h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True)
+    rows = distinct_rows(state, hooks, embeds)
+    h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True, rows=rows)
     state.next_positions = state.prompt_positions[:, -1] + 1
-    return state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
+    logits = state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
+    return logits if rows is None else logits[rows[1]]
+
+
+def distinct_rows(state: StepState, hooks: HookRunner,
+                  embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a prefill: ``(first [U], inverse [B])`` when only U < B of the rows differ — in their input embeddings
+    (bit for bit), positions and validity — so that the layers run over rows ``first`` and row b takes the results
+    of row ``first[inverse[b]]``; None when every row differs, when the cache already holds entries (rows could
+    differ there) or when layer hooks will act during the prefill (a pruning hook chooses positions per row).
+
+    Why: a batch of images of one prompt prefills two distinct rows 16 times each; at the 7B shape the prefill is
+    compute-bound, and running it over 2 rows instead of 32 takes ~25 ms off every batch. One host sync (the count
+    of distinct rows), once per prefill."""
+    b = embeds.shape[0]
+    if b < 2 or max(state.cache.fill) > 0 or list(hooks.layer_points(state)):
+        return None
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[embeds.element_size()]
+    key = torch.cat([embeds.reshape(b, -1).contiguous().view(bits).to(torch.int64),
+                     state.prompt_positions.reshape(b, -1).to(torch.int64),
+                     state.attention_mask.reshape(b, -1).to(torch.int64)], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    count = unique.shape[0]
+    if count == b:
+        return None
+    first = torch.full((count,), b, dtype=torch.long, device=embeds.device)
+    first.scatter_reduce_(0, inverse, torch.arange(b, device=embeds.device), reduce="amin")
+    return first, inverse
 
 
 def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:

@@ -130,8 +130,8 @@ def test_one_row_compiled_step_equals_core_loop(request, which, sampler, monkeyp
     # the same run with the pieces left plain, to see which GEMV form they were asked for
     calls = []
     original = fused._linear
-    monkeypatch.setattr(fused, "_linear", lambda x, w, gemm, parts=False: calls.append(gemm) or original(
-        x, w, gemm, parts))
+    monkeypatch.setattr(fused, "_linear", lambda x, w, gemm, parts=False, programs=128: calls.append(gemm) or original(
+        x, w, gemm, parts, programs))
     monkeypatch.setattr(graph, "_layer_pieces", lambda backend, gemm, writes_cache: fused._layer_pieces(
         None, gemm, writes_cache))
     _same(eager, go(FastLoop(FastOptions(graphs=False, compile="eager"))))
