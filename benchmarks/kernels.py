@@ -30,28 +30,37 @@ def _group(name: str) -> str:
 IDLE_CLASSES = (("under_5us", 5.0), ("5us_to_100us", 100.0), ("over_100us", float("inf")))
 
 
-def idle_time(spans: list[tuple[float, float]]) -> dict[str, Any]:
-    """From kernels' (start, end) in µs: the busy span and the idle time inside it, by the length of each idle
-    stretch (``IDLE_CLASSES``) — what separates GPU time from the wall time of a call."""
+def idle_time(spans: list[tuple[float, float, str]], top: int = 12) -> dict[str, Any]:
+    """From kernels' (start, end in µs, name): the busy span and the idle time inside it, by the length of each idle
+    stretch (``IDLE_CLASSES``) — what separates GPU time from the wall time of a call — and which kernels the idle
+    stretches of 5 µs or more lie between (``between``: "before → after", count, µs)."""
     if not spans:
         return {}
     spans = sorted(spans)
     classes = {name: {"us": 0.0, "count": 0} for name, _ in IDLE_CLASSES}
-    busy_until = spans[0][1]
+    busy_until, last = spans[0][1], spans[0][2]
     largest: list[tuple[float, float]] = []  # (gap, where it starts, µs after the first kernel)
-    for start, end in spans[1:]:
+    between: dict[str, list[float]] = {}
+    for start, end, name in spans[1:]:
         gap = start - busy_until
         if gap > 0:
             largest = sorted(largest + [(gap, busy_until - spans[0][0])], reverse=True)[:8]
-            for name, bound in IDLE_CLASSES:
+            if gap >= IDLE_CLASSES[0][1]:
+                entry = between.setdefault(f"{last[:50]} → {name[:50]}", [0, 0.0])
+                entry[0] += 1
+                entry[1] += gap
+            for label, bound in IDLE_CLASSES:
                 if gap < bound:
-                    classes[name]["us"] += gap
-                    classes[name]["count"] += 1
+                    classes[label]["us"] += gap
+                    classes[label]["count"] += 1
                     break
-        busy_until = max(busy_until, end)
+        if end >= busy_until:
+            busy_until, last = end, name
     span = busy_until - spans[0][0]
+    ranked = sorted(between.items(), key=lambda item: -item[1][1])[:top]
     return {"span_us": round(span, 1), "largest": [{"us": round(g, 1), "at_us": round(a, 1)} for g, a in largest],
-            "classes": {k: {"us": round(v["us"], 1), "count": v["count"]} for k, v in classes.items()}}
+            "classes": {k: {"us": round(v["us"], 1), "count": v["count"]} for k, v in classes.items()},
+            "between": [{"kernels": k, "count": c, "us": round(us, 1)} for k, (c, us) in ranked]}
 
 
 def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[s
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
             kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
-            spans.append((event.time_range.start, event.time_range.end))
+            spans.append((event.time_range.start, event.time_range.end, event.name))
     groups: dict[str, dict[str, float]] = {}
     for name, times in kernels.items():
         entry = groups.setdefault(_group(name), {"us_per_step": 0.0, "kernels_per_step": 0.0})

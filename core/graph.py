@@ -161,17 +161,27 @@ def _tensor_slots(container: dict, depth: int = 2) -> list[tuple[dict, Any, torc
     return found
 
 
+def _copy_by_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst ← src`` as an elementwise kernel. Why not ``copy_``: between contiguous tensors of one dtype it is a
+    memcpy, which a captured graph holds as a copy node, and the GPU idles on each side of such a node (the profile's
+    ``idle.between``); ×1 (and ≠ False) is exact."""
+    if dst.dtype == torch.bool:
+        torch.ne(src, False, out=dst)
+    else:
+        torch.mul(src, 1, out=dst)
+
+
 def _commit(state: StepState, before: list[tuple[dict, Any, torch.Tensor]], probs: torch.Tensor | None) -> None:
     """Copy tensors the step put in place of existing ones back into the originals (stable addresses)."""
     for container, key, old in before:
         new = container.get(key)
         if isinstance(new, torch.Tensor) and new is not old and new.shape == old.shape and new.dtype == old.dtype \
                 and new.device == old.device:
-            old.copy_(new)
+            _copy_by_kernel(old, new)
             container[key] = old
     if probs is not None and state.last_probs is not probs and state.last_probs is not None \
             and state.last_probs.shape == probs.shape and state.last_probs.dtype == probs.dtype:
-        probs.copy_(state.last_probs)
+        _copy_by_kernel(probs, state.last_probs)
         state.last_probs = probs
 
 
@@ -400,7 +410,7 @@ class _Stepper:
         tokens = select_token(state, hooks, logits, self.sampler)  # [P]
         if self.text is not None:
             tokens = self.text.finish(state, tokens)
-        self.tok.copy_(tokens)
+        _copy_by_kernel(self.tok, tokens)
         state.step_t.add_(1)
 
     def _masks(self, length: int, dtype: torch.dtype) -> list[torch.Tensor]:

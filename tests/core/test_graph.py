@@ -376,3 +376,20 @@ def test_cuda_graphs_replay_the_compiled_step(folder, gemm):
     assert loop.stats["replays"] > 0 and graphed.state.compile_backend == "inductor"
     assert loop.stats["gemm"] == ("triton" if gemm == "triton" else "cublas")  # 6 rows: auto keeps cuBLAS
     _same_run(graphed, plain)
+
+
+def test_copy_by_kernel_is_exact_for_every_dtype_the_step_copies():
+    from janus_decoding.core.graph import _copy_by_kernel
+
+    floats = torch.tensor([0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan"), 3e-39])
+    for src in (floats, floats.to(torch.bfloat16), torch.tensor([0, -3, 2**62], dtype=torch.long),
+                torch.tensor([True, False, True])):
+        dst = torch.empty_like(src)
+        _copy_by_kernel(dst, src)
+        if src.is_floating_point():  # bit for bit (the sign of zero, inf, subnormals); NaN stays NaN
+            bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[src.dtype]
+            number = ~src.isnan()
+            assert torch.equal(dst.view(bits)[number], src.view(bits)[number])
+            assert torch.equal(dst.isnan(), src.isnan())
+        else:
+            assert torch.equal(dst, src) and dst.dtype == src.dtype
