@@ -120,6 +120,11 @@ def test_layer_hooks_and_a_filled_cache_turn_it_off(janus):
         assert loop.distinct_rows(state, Decoder(), embeds) is None  # the cache holds the prompt now
         state.cache.reset()
         assert loop.distinct_rows(state, Decoder(), embeds) is not None
+        changed = embeds.clone()  # the same ids, but an input-embeddings hook moved one row's embeddings
+        changed[0, -1, 0] += 1.0
+        first, inverse = loop.distinct_rows(state, Decoder(), embeds)
+        assert first.numel() == 2
+        assert loop.distinct_rows(state, Decoder(), changed) is None
 
 
 @pytest.mark.parametrize("spec", ["", 'dola(layers="high")', "repetition_penalty(penalty=1.3) > top_k(top_k=20)"])
