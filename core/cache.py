@@ -134,6 +134,19 @@ class StaticKVCache:
         self.fill = [0] * self.num_layers
         self.group = [0] * self.num_layers
 
+    def renew(self) -> None:
+        """As newly allocated: empty, every entry zero (a kept cache handed to the next run of the same shape; masked
+        slots inside a read length are multiplied by zero weights, so they must hold finite numbers)."""
+        self.reset()
+        for t in self.keys + self.values:
+            t.zero_()
+
+    def geometry(self) -> tuple:
+        """What a run of the same shape asks a cache for (``core.runs._new_cache``)."""
+        k = self.keys[0]
+        return (self.num_layers, self.batch, self.max_len, k.shape[1], k.shape[3], k.dtype, k.device,
+                tuple(self.capacity))
+
     def add_(self, layer: int, slot: int, d_key: torch.Tensor | None, d_value: torch.Tensor | None,
              rows: torch.Tensor | None = None) -> None:
         """In-place additive edit of one cached slot (KV steering); ``d_*`` broadcast to ``[B, H_kv, D]``."""

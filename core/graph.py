@@ -63,6 +63,7 @@ from .fused import GEMM_FORMS, _layer_pieces, _LayerWeights, add_delta, final_rm
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
+from .reuse import detach, run_tensors, snapshot, transplant
 from .sampling import race_from, row_key_hash, vocab_hash
 from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .state import StepState
@@ -254,6 +255,8 @@ class _Stepper:
         self.stream = torch.cuda.Stream(device=device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.captured: dict[tuple[str, int], Any] = {}
+        self.baked: dict[tuple, torch.Tensor] | None = None  # the run's tensors the graphs were captured with
+        self.adopting = False  # a later run's state: its tensors go into the baked ones at the next load
         self.warm = False
         self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0}
         self.row_draw = None
@@ -279,6 +282,8 @@ class _Stepper:
     # -- host ↔ buffers ---------------------------------------------------------------------------------------
     def load(self, t: int, tokens: torch.Tensor) -> None:
         """Bring the buffers up to the host state after eager work (prefill, a schedule hook, an injection)."""
+        if self.adopting:
+            self._adopt_tensors()
         state, cache = self.state, self.state.cache
         self.pos.copy_(state.next_positions)
         state.next_positions = self.pos
@@ -303,6 +308,33 @@ class _Stepper:
         for layer, group in enumerate(cache.group):
             firsts.setdefault(group, layer)
         return all(bool(cache.valid[layer, :, : cache.fill[layer]].all()) for layer in firsts.values())
+
+    # -- the next run of the same shape ------------------------------------------------------------------------
+    def slots(self) -> dict:
+        """The run's tensors by path (``core.reuse``), with the loop's text bookkeeping."""
+        return run_tensors(self.state, self.hooks, {"text": self.text})
+
+    def adopt(self, state: StepState, text: "_TextEnd | None") -> None:
+        """Serve a later run of the same signature (``FastLoop._signature``): its tensors take the place of the
+        baked ones at the first load; the graphs are replayed, no warm-up step is needed."""
+        self.state, self.text = state, text  # (the last run's now hold copies: `finish`)
+        self.adopting, self.dirty, self.warm = True, True, True
+        self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0,
+                      "reused_step": True, "reused_graphs": len(self.captured)}
+
+    def _adopt_tensors(self) -> None:
+        self.adopting = False
+        why = "the last run ran no step" if self.baked is None else transplant(self.baked, self.slots())
+        if why is not None:  # build anew with this run's tensors
+            self.captured.clear()
+            self.baked = None
+            self.stats["reused_graphs"] = 0
+            self.stats["not_reused"] = why
+
+    def finish(self) -> None:
+        """End of a run: its slots get copies of the baked tensors, which the next run will overwrite."""
+        if self.baked is not None:
+            detach(self.baked, self.slots())
 
     # -- the step ---------------------------------------------------------------------------------------------
     def read_len(self) -> int:
@@ -381,6 +413,8 @@ class _Stepper:
         else:
             self._body(length)
         _commit(self.state, before, probs)
+        if self.baked is None:  # what this and every later capture bakes in (the commit restored replaced tensors)
+            self.baked = snapshot(self.slots())
 
     def _body(self, length: int) -> None:
         """Tokens ``self.tok`` → the next tokens, in place; advances the position, slot and step buffers."""
@@ -530,6 +564,44 @@ class FastLoop:
 
     options: FastOptions = field(default_factory=FastOptions)
     stats: dict[str, Any] = field(default_factory=dict)  # the last run's counts (replays, captures, eager steps)
+    # the last run's step (its graphs, buffers and cache) and what it was built for: the next run of the same
+    # signature replays those graphs (`reusable_cache` hands it the cache they read)
+    _kept: tuple[tuple, "_Stepper"] | None = field(default=None, repr=False, compare=False)
+
+    def reusable_cache(self, geometry: tuple) -> StaticKVCache | None:
+        """The cache kept with the last run's graphs when a new run asks for one of the same ``geometry``
+        (``StaticKVCache.geometry``), renewed; else None, and the kept graphs and cache are let go first (so
+        that a run of another shape never holds two caches)."""
+        if self._kept is None:
+            return None
+        cache = self._kept[1].state.cache
+        # a cache made under inference mode can only be written under it (and one made outside it, only outside)
+        if cache.geometry() != geometry or cache.keys[0].is_inference() != torch.is_inference_mode_enabled():
+            self.release()
+            return None
+        cache.renew()
+        return cache
+
+    def release(self) -> None:
+        """Let go of the kept graphs, buffers and cache (a fast loop keeps its last run's until the next run)."""
+        self._kept = None
+
+    @staticmethod
+    def _signature(options: FastOptions, state: StepState, hooks: HookRunner, sampler: Sampler, graphs: bool,
+                   weights: list[_LayerWeights] | None, text: "_TextEnd | None") -> tuple:
+        """Everything a captured step bakes in besides the run's tensors: the options, model, decoder (its spec:
+        strategies' parameters), sampler, shapes, the cache object itself and the text bookkeeping's constants.
+        Runs with equal signatures can replay each other's graphs."""
+        spec = hooks.to_spec() if hasattr(hooks, "to_spec") else type(hooks).__name__
+        # strategies are Python objects whose decisions a capture bakes in: the same ones (hooks without any, such
+        # as NoHooks, are interchangeable)
+        owner = id(hooks) if getattr(hooks, "strategies", None) else type(hooks).__name__
+        generator = sampler.generator if sampler.rng == "torch" and not sampler.greedy else None
+        return (options, graphs, id(state.adapter), id(weights), owner, spec, state.mode, state.layout,
+                state.num_pairs, state.rows, state.total_steps, tuple(state.prompt_ids.shape), state.cfg_schedule,
+                tuple(state.history.shape), state.history_offset, state.compile_backend, sampler.greedy, sampler.rng,
+                id(generator), id(sampler.row_draw), None if text is None else (text.eos_id, text.pad_id),
+                id(state.cache), tuple(sorted(state.memory.get("_prompt_layers", ()))))
 
     def eager_reason(self, state: StepState, hooks: HookRunner, sampler: Sampler) -> str | None:
         """Why a whole run must go through the eager loop, or None."""
@@ -624,7 +696,13 @@ class FastLoop:
         if points:
             _say_once("fast path: schedule hooks run eagerly at their step boundaries; the steps between replay")
         boundaries: dict[int, _Boundary | None] = {}
-        stepper = _Stepper(options, state, hooks, sampler, graphs, weights, text)
+        signature = self._signature(options, state, hooks, sampler, graphs, weights, text)
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == signature:
+            stepper = kept[1]
+            stepper.adopt(state, text)
+        else:
+            stepper = _Stepper(options, state, hooks, sampler, graphs, weights, text)
         tokens: torch.Tensor | None = None
         t = 0
         while True:  # t == total_steps is visited once more, for a schedule hook after the last token
@@ -666,12 +744,14 @@ class FastLoop:
             t += 1
         state.next_positions = state.next_positions.clone()  # detach from the step's buffer
         state.step_t.fill_(min(t, state.total_steps - 1))
-        if text is not None:
-            lengths = text.lengths
-        else:
-            lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
         hooks.end(state)
         self.stats = {**stepper.stats, "attention": stepper.attention, "gemm": options.gemm,
                       "layers": "fused" if weights else "transformers", "graphs": graphs,
                       "read_lens": sorted({k[1] for k in stepper.captured})}
+        stepper.finish()  # the run's tensors become its own copies; the kept ones serve the next run
+        self._kept = (signature, stepper)
+        if text is not None:
+            lengths = text.lengths
+        else:
+            lengths = torch.full((state.num_pairs,), state.total_steps, dtype=torch.long, device=device)
         return RunResult(state.generated, lengths, state, state.memory["_flags"], sorted(boundaries))

@@ -30,9 +30,18 @@ class ImageRequest:
     negative_prompt: str | None = None
 
 
-def _new_cache(adapter: ModelAdapter, rows: int, length: int, reduction: dict[int, int] | None = None) -> StaticKVCache:
-    """The static cache; ``reduction`` {k: slots} shortens layers ≥ k by the slots a layer hook will drop there."""
+def _new_cache(adapter: ModelAdapter, rows: int, length: int, reduction: dict[int, int] | None = None,
+               reuse: Callable[[tuple], StaticKVCache | None] | None = None) -> StaticKVCache:
+    """The static cache; ``reduction`` {k: slots} shortens layers ≥ k by the slots a layer hook will drop there.
+    ``reuse``: the loop's ``reusable_cache`` — a cache it kept from its last run (with the graphs that read it), if
+    that had this geometry (else it lets its kept one go before this one is allocated)."""
     lengths = [length - sum(n for k, n in (reduction or {}).items() if k <= layer) for layer in range(adapter.num_layers)]
+    if reuse is not None:
+        device = torch.empty(0, device=adapter.device).device  # "cuda" → "cuda:0", as a tensor's device reads
+        kept = reuse((adapter.num_layers, rows, length, adapter.num_kv_heads, adapter.head_dim, adapter.dtype, device,
+                      tuple(lengths)))
+        if kept is not None:
+            return kept
     return StaticKVCache(num_layers=adapter.num_layers, batch=rows, max_len=length, num_kv_heads=adapter.num_kv_heads,
                          head_dim=adapter.head_dim, dtype=adapter.dtype, device=adapter.device, layer_lengths=lengths)
 
@@ -59,7 +68,8 @@ def run_images(adapter: ModelAdapter, hooks: HookRunner, requests: Sequence[Imag
     batch = _image_prompt_rows(adapter, [r.prompt for r in requests], negatives, cfg.layout)
     state = _new_state(adapter, hooks, batch, mode="image", layout=cfg.layout, steps=steps,
                        seeds=[r.seed for r in requests], indices=[r.index for r in requests],
-                       prompts=[r.prompt for r in requests], cfg=cfg, history_prefix=None)
+                       prompts=[r.prompt for r in requests], cfg=cfg, history_prefix=None,
+                       reuse=getattr(loop, "reusable_cache", None))
 
     def rebuild(st: StepState, action: Rebuild) -> tuple[PromptBatch, torch.Tensor]:
         if len(action.prompts) != st.num_pairs:
@@ -91,7 +101,7 @@ def run_text(adapter: ModelAdapter, hooks: HookRunner, prompt_ids: Sequence[Sequ
         embeds, image_mask = _place_image_features(adapter, batch, embeds, pixel_values)
     state = _new_state(adapter, hooks, batch, mode="text", layout="interleaved", steps=max_new_tokens, seeds=seeds,
                        indices=[0] * len(prompt_ids), prompts=list(prompts), cfg=None, history_prefix=batch,
-                       image_token_mask=image_mask)
+                       image_token_mask=image_mask, reuse=getattr(loop, "reusable_cache", None))
     state.pixel_values = list(pixel_values) if pixel_values is not None else None
     with attention_kernels():
         return loop(state, hooks, batch, embeds, sampler, eos_id=adapter.eos_id if eos_id == -1 else eos_id,
@@ -130,7 +140,8 @@ def answer_text(adapter: ModelAdapter, images: Sequence[Any] | None, question: s
 
 
 def _new_state(adapter, hooks, batch: PromptBatch, *, mode, layout, steps, seeds, indices, prompts, cfg,
-               history_prefix: PromptBatch | None, image_token_mask: torch.Tensor | None = None) -> StepState:
+               history_prefix: PromptBatch | None, image_token_mask: torch.Tensor | None = None,
+               reuse: Callable[[tuple], StaticKVCache | None] | None = None) -> StepState:
     pairs = len(seeds)
     device = adapter.device
     probe = StepState(adapter=adapter, mode=mode, layout=layout, num_pairs=pairs, total_steps=steps,
@@ -141,7 +152,7 @@ def _new_state(adapter, hooks, batch: PromptBatch, *, mode, layout, steps, seeds
                       image_token_mask=image_token_mask)
     growth = int(hooks.kv_growth(probe))
     reduction = getattr(hooks, "kv_layer_reduction", lambda state: {})(probe)
-    probe.cache = _new_cache(adapter, batch.ids.shape[0], batch.ids.shape[1] + steps + growth, reduction)
+    probe.cache = _new_cache(adapter, batch.ids.shape[0], batch.ids.shape[1] + steps + growth, reduction, reuse)
     probe.generated = torch.zeros(pairs, steps, dtype=torch.long, device=device)
     if history_prefix is not None:  # text: transformers' semantics, the prompt counts as history
         probe.history = torch.cat([history_prefix.ids, probe.generated], 1)

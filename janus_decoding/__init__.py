@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["__version__", "load_model", "Decoder", "list_strategies", "SpecError", "StrategyError"]
+__all__ = ["__version__", "load_model", "Decoder", "list_strategies", "release_fast_path", "SpecError",
+           "StrategyError"]
 
 
 def load_model(path_or_name: str = "tiny", *, device: str = "cpu", dtype: Any = None):
@@ -31,6 +32,14 @@ def list_strategies() -> list[dict[str, Any]]:
 
     registry = default_registry()
     return [registry.describe(name) for name in registry.names()]
+
+
+def release_fast_path(model: Any) -> None:
+    """Free what the fast path keeps on ``model`` between calls: the last run's CUDA graphs, buffers and KV cache
+    (kept so that the next run of the same shape and decoder replays them instead of capturing anew)."""
+    from janus_decoding.plugins.generation import release_fast_path as release
+
+    release(model)
 
 
 def __getattr__(name: str) -> Any:  # keep `import janus_decoding` light: torch loads on first use

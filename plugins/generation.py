@@ -132,15 +132,28 @@ def _outer_loop(model: Any, fast: Any):
     compiling on the first run of a shape)."""
     from janus_decoding.core.graph import FastLoop, FastOptions
 
-    if isinstance(fast, FastOptions):
-        return FastLoop(fast)
-    if fast is None:
-        fast = model.device.type == "cuda"
-    if not fast:
-        from janus_decoding.core.loop import run
+    if not isinstance(fast, FastOptions):
+        if fast is None:
+            fast = model.device.type == "cuda"
+        if not fast:
+            from janus_decoding.core.loop import run
 
-        return run
-    return FastLoop()
+            return run
+        fast = FastOptions()
+    # One fast loop per model, kept between calls: the next run of the same shape and decoder replays the last
+    # run's graphs (no capture, no warm-up step). It keeps that run's KV cache too; `release_fast_path` lets go.
+    kept = getattr(model, "_fast_loop", None)
+    if kept is None or kept.options != fast:
+        kept = FastLoop(fast)
+        model._fast_loop = kept
+    return kept
+
+
+def release_fast_path(model: Any) -> None:
+    """Let go of the graphs, buffers and KV cache the model's fast loop keeps from its last run."""
+    kept = getattr(model, "_fast_loop", None)
+    if kept is not None:
+        kept.release()
 
 
 def _raise_on_flags(flags: torch.Tensor, chunk: Sequence[ImageRequest] | Sequence[str]) -> None:
