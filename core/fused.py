@@ -238,3 +238,44 @@ def _first_half_options() -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
     return {name: value for name, value in FIRST_HALF_OPTIONS.items() if hasattr(inductor_config, name)}
+
+
+class PrefillLayers:
+    """The prompt's forward (``core.loop.forward``'s ``layer_fn``) through the fused layer math: for each layer, the
+    same two halves as the one-token step over the ``[B·T, H]`` rows of the prompt, with attention (SDPA over the
+    cache, causal) between them, uncompiled and with cuBLAS's GEMMs (the prompt's rows vary in number).
+
+    Why: with identical rows prefilled once (``core.loop.distinct_rows``) the prompt's forward at the 7B shape has
+    ~5 ms of GPU work, and transformers' layer modules spent ~1.5 ms of host time each launching it (~40 ms of the
+    GPU waiting, the profile's ``idle``); these layers launch ~15 kernels with little Python around them.
+    """
+
+    def __init__(self, weights: list[_LayerWeights], head_dim: int, num_kv_heads: int) -> None:
+        self.weights, self.head_dim, self.num_kv_heads = weights, head_dim, num_kv_heads
+        self._signed: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # (cos_sin, cos, sin with the sign)
+
+    def _rotary(self, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, D]`` cos and sin → ``[B·T, 1, D]``, sin carrying rotate-half's sign (once per forward)."""
+        if self._signed is None or self._signed[0] is not cos_sin:
+            cos, sin = cos_sin
+            half = cos.shape[-1] // 2
+            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=sin.device, dtype=sin.dtype)
+            self._signed = (cos_sin, cos.reshape(-1, 1, cos.shape[-1]), (sin * sign).reshape(-1, 1, sin.shape[-1]))
+        return self._signed[1], self._signed[2]
+
+    def __call__(self, index: int, h: torch.Tensor, mask: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                 cache: Any) -> torch.Tensor:
+        """Layer ``index`` over ``h`` ``[B, T, H]`` with the ``[B, 1, T, L]`` mask of the slots each position may see;
+        writes the T new keys and values through ``cache.update`` (as the modules do) → ``[B, T, H]``."""
+        w, d, nkv = self.weights[index], self.head_dim, self.num_kv_heads
+        b, t, hidden = h.shape
+        nq = w.o.shape[1] // d
+        cos, sin = self._rotary(cos_sin)
+        rows, q, k, v = _attention_inputs(h.reshape(b * t, hidden), None, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv)
+        q, k, v = (x.reshape(b, t, -1, d).transpose(1, 2) for x in (q, k, v))  # [B, heads, T, D]
+        keys, values = cache.update(k, v, index)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scaling,
+                                             enable_gqa=nq != nkv)  # [B, nq, T, D]
+        out = out.transpose(1, 2).reshape(b * t, nq * d)
+        rows, delta = _layer_rest(rows, out, w.o, w.ln2, w.eps2, w.gate_up, w.down)
+        return add_delta(rows, delta).view(b, t, hidden)

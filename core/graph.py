@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
-from .fused import GEMM_FORMS, _layer_pieces, _LayerWeights, add_delta, final_rms_norm, fuse_projections, rms_norm
+from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add_delta, final_rms_norm,
+                    fuse_projections, rms_norm)
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -691,7 +692,9 @@ class FastLoop:
                             torch.zeros(state.num_pairs, dtype=torch.long, device=device), eos_id, pad_id)
         state.memory["_flags"] = torch.zeros(state.num_pairs, dtype=torch.bool, device=device)
         state.memory["_prompt_layers"] = set(hooks.prompt_layers(state))
-        logits: torch.Tensor | None = prefill(state, hooks, batch, embeds)
+        layer_fn = None if weights is None else PrefillLayers(weights, state.adapter.head_dim,
+                                                                 state.adapter.num_kv_heads)
+        logits: torch.Tensor | None = prefill(state, hooks, batch, embeds, layer_fn)
         points = set(hooks.schedule_points(state))
         if points:
             _say_once("fast path: schedule hooks run eagerly at their step boundaries; the steps between replay")

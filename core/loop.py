@@ -20,6 +20,9 @@ from .protocol import HookRunner, KVAppend, KVEdit, LayerKeep, Rebuild, Rollback
 from .sampling import greedy, probabilities_and_flags, sample_row_rng, sample_torch
 from .state import StepState
 
+# a stand-in for layer `index`'s module: (index, h [B, T, H], mask [B, 1, T, L], (cos, sin), cache) -> h
+LayerFn = Callable[[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], StaticKVCache], torch.Tensor]
+
 EOS_CHECK_EVERY = 8  # text mode: one host sync per this many tokens to see whether every row has finished
 
 
@@ -51,15 +54,16 @@ class RunResult:
 
 
 def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
-            new_valid: torch.Tensor, *, prefill: bool,
-            rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            new_valid: torch.Tensor, *, prefill: bool, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+            layer_fn: LayerFn | None = None) -> torch.Tensor:
     """Run ``[B, T, H]`` embeddings through every layer, writing T slots into the cache; returns the last output.
 
     During a prefill the layer hooks may shorten the sequence from their layer on; the hidden-states hooks see the
     last position of the layers they asked for (only those are kept). ``rows`` = ``(first [U], inverse [B])``
     (:func:`distinct_rows`): the layers run over the U distinct rows ``first`` only; the cache, the hidden-states
     hooks and the kept prompt states still get all B rows (row b is row ``inverse[b]`` of the U), and the output
-    is ``[U, T, H]``.
+    is ``[U, T, H]``. ``layer_fn(index, h, mask, cos_sin, cache)`` stands in for the layer modules (the same math
+    with fewer kernels: ``core.fused.PrefillLayers``).
     """
     adapter, cache = state.adapter, state.cache
     cache.begin_write(embeds.shape[1], new_valid, rows)
@@ -88,7 +92,10 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
         if group not in masks:
             mask = _attention_mask(cache, index, h.shape[1])
             masks[group] = mask if rows is None else mask[rows[0]]
-        h = layer(h, masks[group], positions, cache, True, cos_sin)
+        if layer_fn is None:
+            h = layer(h, masks[group], positions, cache, True, cos_sin)
+        else:
+            h = layer_fn(index, h, masks[group], cos_sin, cache)
     if adapter.num_layers in wanted:
         captured[adapter.num_layers] = every_row(h[:, -1])
     if prefill and adapter.num_layers in state.memory.get("_prompt_layers", ()):
@@ -120,14 +127,17 @@ def _apply_keep(state, keep: LayerKeep, index, h, positions, adapter):
     return h, positions, adapter.rotary(h, positions)
 
 
-def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor) -> torch.Tensor:
+def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor,
+            layer_fn: LayerFn | None = None) -> torch.Tensor:
     """The prompt's forward: input-embeddings hook, layers (with layer hooks), head → logits ``[B, V]``.
 
     Rows with identical inputs (the 16 images of one prompt with CFG share two: the prompt and the unconditional
-    one) are run once (:func:`distinct_rows`); every row still gets its cache entries, hidden states and logits."""
+    one) are run once (:func:`distinct_rows`); every row still gets its cache entries, hidden states and logits.
+    ``layer_fn``: as in :func:`forward`."""
     embeds = hooks.input_embeddings(state, embeds)
     rows = distinct_rows(state, hooks, embeds)
-    h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True, rows=rows)
+    h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True, rows=rows,
+                layer_fn=layer_fn)
     state.next_positions = state.prompt_positions[:, -1] + 1
     logits = state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
     return logits if rows is None else logits[rows[1]]

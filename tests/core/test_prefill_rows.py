@@ -12,7 +12,7 @@ from janus_decoding.core.cfg import CFGConfig
 from janus_decoding.core.runs import _image_prompt_rows, _new_state
 
 
-def _prefill(model, prompts, decoder, *, dedup: bool, layout: str = "halves"):
+def _prefill(model, prompts, decoder, *, dedup: bool, layout: str = "halves", layer_fn=None):
     """A state after the prefill of ``prompts`` (one image each, with CFG) and the prefill's logits."""
     cfg = CFGConfig(weight=5.0, layout=layout)
     batch = _image_prompt_rows(model, prompts, [None] * len(prompts), layout)
@@ -31,7 +31,7 @@ def _prefill(model, prompts, decoder, *, dedup: bool, layout: str = "halves"):
 
     loop_distinct, loop.distinct_rows = loop.distinct_rows, spy
     try:
-        logits = loop.prefill(state, decoder, batch, model.embed_text(batch.ids))
+        logits = loop.prefill(state, decoder, batch, model.embed_text(batch.ids), layer_fn)
     finally:
         loop.distinct_rows = loop_distinct
     return state, logits, seen[0]
@@ -142,3 +142,20 @@ def test_runs_of_one_prompt_give_the_tokens_of_the_full_prefill(janus, monkeypat
     deduped = go()
     monkeypatch.setattr(loop, "distinct_rows", lambda *args: None)
     assert torch.equal(deduped, go())
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+@pytest.mark.parametrize("spec", ["", "latent_control(layer=2)"])
+def test_the_fused_prefill_layers_give_the_modules_prefill(janus, dedup, spec):
+    """``core.fused.PrefillLayers`` (the fast loop's prompt forward) against transformers' layer modules: the same
+    cache, logits and prompt hidden states (fp32), with identical rows run once or not."""
+    from janus_decoding.core.fused import PrefillLayers, fuse_projections
+
+    prompts = ["a red cube", "a red cube", "a lighthouse at dusk"]
+    layers = PrefillLayers(fuse_projections(janus), janus.head_dim, janus.num_kv_heads)
+    with torch.inference_mode():
+        fused = _prefill(janus, prompts, Decoder.from_spec(spec), dedup=dedup, layer_fn=layers)
+        plain = _prefill(janus, prompts, Decoder.from_spec(spec), dedup=dedup)
+    _assert_same_prefill(fused, plain)
+    if spec:
+        torch.testing.assert_close(fused[0].prompt_hidden(2), plain[0].prompt_hidden(2), rtol=1e-5, atol=1e-5)
