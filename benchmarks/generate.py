@@ -56,8 +56,6 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-compiled-cublas": FastOptions(compile="inductor", gemm="cublas"),  # the same with cuBLAS's GEMMs
     "graph-compiled-b64": FastOptions(compile="inductor", bucket=64),  # reads more, captures half the graphs
     # read less, capture more graphs (in the first run of a loop only: later runs replay them)
-    # the prompt's slots read once per distinct prompt (core/shared_prefix.py)
-    "graph-compiled-shared": FastOptions(compile="inductor", shared_prefix=True),
     "graph-compiled-b16": FastOptions(compile="inductor", bucket=16),
     "graph-compiled-b8": FastOptions(compile="inductor", bucket=8),
     # the output and down projections split into 4 K parts (256 programs) instead of 2

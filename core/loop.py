@@ -136,7 +136,6 @@ def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: tor
     ``layer_fn``: as in :func:`forward`."""
     embeds = hooks.input_embeddings(state, embeds)
     rows = distinct_rows(state, hooks, embeds)
-    state._shared_rows = None if rows is None else (*rows, tuple(rows[1].tolist()))
     h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True, rows=rows,
                 layer_fn=layer_fn)
     state.next_positions = state.prompt_positions[:, -1] + 1

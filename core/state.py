@@ -57,8 +57,6 @@ class StepState:
     memory: dict[str, Any] = field(default_factory=dict)  # per-run scratch space, keyed by strategy name
     _prompt_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     _layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill: last-position input per layer
-    # the prefill's distinct rows (core.loop.distinct_rows): (first [U], inverse [B], inverse as host ints)
-    _shared_rows: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
     _answer: Callable[..., list[str]] | None = None
     compile_backend: str | None = None  # set by a loop that compiles (FastOptions.compile); read by `compiled`
 
