@@ -165,8 +165,8 @@ def _tensor_slots(container: dict, depth: int = 2) -> list[tuple[dict, Any, torc
 
 def _copy_by_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst ← src`` as an elementwise kernel. Why not ``copy_``: between contiguous tensors of one dtype it is a
-    memcpy, which a captured graph holds as a copy node, and the GPU idles on each side of such a node (the profile's
-    ``idle.between``); ×1 (and ≠ False) is exact."""
+    memcpy, which a captured graph holds as a copy node among its kernel nodes (two a step before; as kernels they
+    join the stream of kernels like any other). ×1 (and ≠ False) is exact; a NaN may come out with another payload."""
     if dst.dtype == torch.bool:
         torch.ne(src, False, out=dst)
     else:
