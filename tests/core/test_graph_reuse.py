@@ -13,7 +13,6 @@ from janus_decoding.core.graph import EagerStepWarning, FastLoop, FastOptions
 from janus_decoding.core.loop import Sampler, run
 from janus_decoding.core.reuse import Slot, detach, snapshot, transplant
 from janus_decoding.core.runs import ImageRequest, run_images, run_text
-from janus_decoding.models.tiny import write_tiny_checkpoint
 from janus_decoding.plugins.decoder import Decoder
 
 FIRST = [ImageRequest("a red fox in fresh snow", 3, k) for k in range(3)]
@@ -23,13 +22,8 @@ SPECS = ["", "repetition_penalty(penalty=1.3) > top_p(top_p=0.8)", "dola(layers=
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-janus", seed=0)
-
-
-@pytest.fixture(scope="module")
-def model(folder):
-    return janus_decoding.load_model(str(folder))
+def model(janus_folder):
+    return janus_decoding.load_model(str(janus_folder))  # its own instance: the fused step re-points its weights
 
 
 def _generate(model, decoder, loop, requests, **sampler):
@@ -188,8 +182,8 @@ def test_detach_gives_the_finished_run_copies():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec", SPECS[:3])
 @pytest.mark.parametrize("compile", [None, "inductor"])
-def test_cuda_the_next_run_replays_the_kept_graphs(folder, spec, compile):
-    cuda = janus_decoding.load_model(str(folder), device="cuda", dtype="bf16")
+def test_cuda_the_next_run_replays_the_kept_graphs(janus_folder, spec, compile):
+    cuda = janus_decoding.load_model(str(janus_folder), device="cuda", dtype="bf16")
     decoder = Decoder.from_spec(spec)
     options = FastOptions(bucket=8, compile=compile)
     loop = FastLoop(options)
@@ -208,8 +202,8 @@ def test_cuda_the_next_run_replays_the_kept_graphs(folder, spec, compile):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_text_runs_replay_the_kept_graphs(folder):
-    cuda = janus_decoding.load_model(str(folder), device="cuda", dtype="bf16")
+def test_cuda_text_runs_replay_the_kept_graphs(janus_folder):
+    cuda = janus_decoding.load_model(str(janus_folder), device="cuda", dtype="bf16")
     decoder = Decoder.from_spec(SPECS[1])
     rows = [[cuda.chat_prompt_ids("Tell me about foxes.")], [cuda.chat_prompt_ids("Tell me about cats.")]]
 
