@@ -114,31 +114,25 @@ def test_the_same_geometry_gets_the_kept_cache_renewed(model):
 
 
 def test_text_runs_reuse_the_step(model):
-    prompts = [["Tell me about foxes."], ["Tell me about cats."]]
-    rows = [[model.chat_prompt_ids(p) for p in batch] for batch in prompts]
+    rows = [[model.chat_prompt_ids("Tell me about foxes.")], [model.chat_prompt_ids("Tell me about cats.")]]
     assert len(rows[0][0]) == len(rows[1][0])
-
-    def go(loop, ids, seed):
-        with torch.inference_mode():
-            return run_text(model, Decoder.from_spec(SPECS[1]), ids, max_new_tokens=12, sampler=Sampler(),
-                            seeds=[seed], eos_id=None, loop=loop)
-
-    loop = FastLoop(FastOptions(graphs=False))
     decoder = Decoder.from_spec(SPECS[1])
 
-    def go_same(loop, ids, seed):
+    def go(loop, ids, seed):
         with torch.inference_mode():
             return run_text(model, decoder, ids, max_new_tokens=12, sampler=Sampler(), seeds=[seed], eos_id=None,
                             loop=loop)
 
-    first = go_same(loop, rows[0], 1)
+    loop = FastLoop(FastOptions(graphs=False))
+    first = go(loop, rows[0], 1)
     kept = first.tokens.clone()
-    second = go_same(loop, rows[1], 2)
+    second = go(loop, rows[1], 2)
     assert loop.stats["reused_step"]
-    fresh = go_same(FastLoop(FastOptions(graphs=False)), rows[1], 2)
+    fresh = go(FastLoop(FastOptions(graphs=False)), rows[1], 2)
     assert torch.equal(second.tokens, fresh.tokens) and torch.equal(second.lengths, fresh.lengths)
     assert torch.equal(first.tokens, kept)
-    assert go(run, rows[1], 2).tokens.equal(second.tokens)
+    assert torch.equal(go(run, rows[1], 2).tokens, second.tokens)
+    assert not torch.equal(first.tokens, second.tokens)  # other prompt and seed: the comparisons can fail
 
 
 # -- core.reuse on its own -------------------------------------------------------------------------------------
