@@ -119,6 +119,13 @@ class StaticKVCache:
         end = self.read_len if self.read_len is not None else self.written(layer)
         return self.valid[layer, :, :end]
 
+    def attention_mask(self, layer: int, length: int) -> torch.Tensor:
+        """``[B, 1, T, L]`` bool: visible slots, causal among the ``length`` slots being written now."""
+        visible = self.visible_slots(layer)  # [B, L]
+        slot = torch.arange(visible.shape[1], device=visible.device)
+        causal = slot[None, :] <= (self.fill[layer] + torch.arange(length, device=visible.device))[:, None]  # [T, L]
+        return visible[:, None, None, :] & causal[None, None]
+
     # -- services --------------------------------------------------------------------------------------------
     def truncate_to(self, fill: list[int]) -> None:
         """Forget every slot past ``fill`` (per layer); TwiG's regeneration rolls a stage back this way."""

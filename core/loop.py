@@ -14,14 +14,11 @@ from typing import Callable
 import torch
 
 from .batch import PromptBatch
-from .cache import StaticKVCache
 from .cfg import guide_rows, pair_rows
-from .protocol import HookRunner, KVAppend, KVEdit, LayerKeep, Rebuild, Rollback
+from .prompt_rows import distinct_rows
+from .protocol import HookRunner, KVAppend, KVEdit, LayerFn, LayerKeep, Rebuild, Rollback
 from .sampling import greedy, probabilities_and_flags, sample_row_rng, sample_torch
 from .state import StepState
-
-# a stand-in for layer `index`'s module: (index, h [B, T, H], mask [B, 1, T, L], (cos, sin), cache) -> h
-LayerFn = Callable[[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], StaticKVCache], torch.Tensor]
 
 EOS_CHECK_EVERY = 8  # text mode: one host sync per this many tokens to see whether every row has finished
 
@@ -59,12 +56,9 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
     """Run ``[B, T, H]`` embeddings through every layer, writing T slots into the cache; returns the last output.
 
     During a prefill the layer hooks may shorten the sequence from their layer on; the hidden-states hooks see the
-    last position of the layers they asked for (only those are kept). ``rows`` = ``(first [U], inverse [B])``
-    (:func:`distinct_rows`): the layers run over the U distinct rows ``first`` only; the cache, the hidden-states
-    hooks and the kept prompt states still get all B rows (row b is row ``inverse[b]`` of the U), and the output
-    is ``[U, T, H]``. ``layer_fn(index, h, mask, cos_sin, cache)`` stands in for the layer modules (the same math
-    with fewer kernels: ``core.fused.PrefillLayers``).
-    """
+    last position of the layers they asked for (only those are kept). ``rows`` = ``(first [U], inverse [B])``: the
+    layers run over rows ``first`` only, the cache and the hooks still get all B rows (b is ``inverse[b]`` of the U),
+    the output is ``[U, T, H]``. ``layer_fn`` stands in for the layer modules (``core.fused.PrefillLayers``)."""
     adapter, cache = state.adapter, state.cache
     cache.begin_write(embeds.shape[1], new_valid, rows)
     every_row = (lambda x: x) if rows is None else (lambda x: x[rows[1]])
@@ -90,7 +84,7 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
             captured[index] = every_row(h[:, -1])
         group = cache.group[index]
         if group not in masks:
-            mask = _attention_mask(cache, index, h.shape[1])
+            mask = cache.attention_mask(index, h.shape[1])
             masks[group] = mask if rows is None else mask[rows[0]]
         if layer_fn is None:
             h = layer(h, masks[group], positions, cache, True, cos_sin)
@@ -104,15 +98,6 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
     if captured:
         hooks.hidden_states(state, captured)
     return h
-
-
-def _attention_mask(cache: StaticKVCache, layer: int, length: int) -> torch.Tensor:
-    """``[B, 1, T, L]`` bool: visible slots, causal among the ``length`` slots being written now."""
-    visible = cache.visible_slots(layer)  # [B, L]
-    start = cache.fill[layer]
-    slot = torch.arange(visible.shape[1], device=visible.device)
-    causal = slot[None, :] <= (start + torch.arange(length, device=visible.device))[:, None]  # [T, L]
-    return visible[:, None, None, :] & causal[None, None]
 
 
 def _apply_keep(state, keep: LayerKeep, index, h, positions, adapter):
@@ -141,37 +126,6 @@ def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: tor
     state.next_positions = state.prompt_positions[:, -1] + 1
     logits = state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
     return logits if rows is None else logits[rows[1]]
-
-
-def distinct_rows(state: StepState, hooks: HookRunner,
-                  embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a prefill: ``(first [U], inverse [B])`` when only U < B of the rows differ — in their input embeddings
-    (bit for bit), positions and validity — so that the layers run over rows ``first`` and row b takes the results
-    of row ``first[inverse[b]]``; None when every row differs, when the cache already holds entries (rows could
-    differ there) or when layer hooks will act during the prefill (a pruning hook chooses positions per row).
-
-    Why: a batch of images of one prompt prefills two distinct rows 16 times each; at the 7B shape the prefill is
-    compute-bound, and running it over 2 rows instead of 32 takes ~25 ms off every batch. Two host syncs per
-    prefill (the ids to the host, the check of the embeddings)."""
-    b = embeds.shape[0]
-    if b < 2 or max(state.cache.fill) > 0 or list(hooks.layer_points(state)):
-        return None
-    # rows grouped on the host by their ids, positions and validity (small), then checked on the device bit for bit
-    # in their embeddings (an input-embeddings hook may have changed rows differently)
-    keys = torch.cat([state.prompt_ids.reshape(b, -1), state.prompt_positions.reshape(b, -1),
-                      state.attention_mask.reshape(b, -1).long()], dim=1).tolist()
-    index: dict[tuple[int, ...], int] = {}
-    inverse_list = [index.setdefault(tuple(key), len(index)) for key in keys]
-    if len(index) == b:
-        return None
-    first_list = [inverse_list.index(u) for u in range(len(index))]
-    device = embeds.device
-    first = torch.tensor(first_list, dtype=torch.long, device=device)
-    inverse = torch.tensor(inverse_list, dtype=torch.long, device=device)
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[embeds.element_size()]
-    if not torch.equal(embeds.view(bits), embeds[first[inverse]].view(bits)):
-        return None
-    return first, inverse
 
 
 def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:

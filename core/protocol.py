@@ -7,7 +7,7 @@ LM); ``plugins.decoder.Decoder`` implements :class:`HookRunner` by calling its s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from .state import StepState
 
 Mode = Literal["image", "text"]
+
+# a stand-in for layer `index`'s module in a forward: (index, h [B, T, H], mask [B, 1, T, L], (cos, sin), cache) -> h
+LayerFn = Callable[[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any], torch.Tensor]
 
 
 class ModelAdapter(Protocol):
