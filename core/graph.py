@@ -594,11 +594,12 @@ class FastLoop:
         strategies' parameters), sampler, shapes, the cache object itself and the text bookkeeping's constants.
         Runs with equal signatures can replay each other's graphs."""
         spec = hooks.to_spec() if hasattr(hooks, "to_spec") else type(hooks).__name__
+        configs = tuple((s.name, repr(sorted(s.config.items()))) for s in getattr(hooks, "strategies", None) or [])
         # strategies are Python objects whose decisions a capture bakes in: the same ones (hooks without any, such
         # as NoHooks, are interchangeable)
         owner = id(hooks) if getattr(hooks, "strategies", None) else type(hooks).__name__
         generator = sampler.generator if sampler.rng == "torch" and not sampler.greedy else None
-        return (options, graphs, id(state.adapter), id(weights), owner, spec, state.mode, state.layout,
+        return (options, graphs, id(state.adapter), id(weights), owner, spec, configs, state.mode, state.layout,
                 state.num_pairs, state.rows, state.total_steps, tuple(state.prompt_ids.shape), state.cfg_schedule,
                 tuple(state.history.shape), state.history_offset, state.compile_backend, sampler.greedy, sampler.rng,
                 id(generator), id(sampler.row_draw), None if text is None else (text.eos_id, text.pad_id),

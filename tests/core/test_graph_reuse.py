@@ -87,6 +87,16 @@ def test_another_signature_builds_a_new_step(model):
     assert torch.equal(result.tokens, _generate(model, other, FastLoop(FastOptions(graphs=False)), SECOND).tokens)
 
 
+def test_a_changed_strategy_config_builds_a_new_step(model):
+    """A config changed in place (not through the spec) is no reason to replay graphs built with the old one."""
+    decoder = Decoder.from_spec("top_k(top_k=5)")
+    loop = FastLoop(FastOptions(graphs=False))
+    _generate(model, decoder, loop, FIRST)
+    decoder.strategies[0].config["top_k"] = 7
+    _generate(model, decoder, loop, SECOND)
+    assert "reused_step" not in loop.stats
+
+
 def test_another_batch_size_lets_the_kept_cache_go(model):
     loop = FastLoop(FastOptions(graphs=False))
     first = _generate(model, Decoder(), loop, FIRST)
