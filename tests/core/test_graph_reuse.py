@@ -223,3 +223,21 @@ def test_cuda_text_runs_replay_the_kept_graphs(janus_folder):
     assert loop.stats["reused_step"] and loop.stats["captures"] == 0
     assert torch.equal(second.tokens, go(FastLoop(FastOptions(bucket=8)), rows[1], 2).tokens)
     assert torch.equal(first.tokens, kept)
+
+
+def test_the_generation_api_keeps_one_fast_loop_per_model(model):
+    from janus_decoding import release_fast_path
+
+    options = FastOptions(graphs=False)
+    decoder = Decoder()
+    first = decoder.generate_images(model, "a red fox in fresh snow", n=2, seed=3, fast=options)
+    loop = model._fast_loop
+    second = decoder.generate_images(model, "a red cat in fresh snow", n=2, seed=4, fast=options)
+    assert model._fast_loop is loop and loop.stats["reused_step"]
+    fresh = decoder.generate_images(model, "a red cat in fresh snow", n=2, seed=4, fast=False)
+    assert torch.equal(second.tokens, fresh.tokens)
+    assert not torch.equal(first.tokens, second.tokens)
+    release_fast_path(model)
+    assert loop._kept is None
+    decoder.generate_images(model, "a red cat in fresh snow", n=2, seed=4, fast=FastOptions(graphs=False, bucket=8))
+    assert model._fast_loop is not loop  # other options: another loop
