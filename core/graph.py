@@ -64,7 +64,7 @@ from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
-from .reuse import detach, run_tensors, snapshot, transplant
+from .reuse import Slot, detach, memory_tensors, run_tensors, snapshot, transplant
 from .sampling import race_from, row_key_hash, vocab_hash
 from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .state import StepState
@@ -153,16 +153,6 @@ class _CacheView:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tensor_slots(container: dict, depth: int = 2) -> list[tuple[dict, Any, torch.Tensor]]:
-    found = []
-    for key, value in container.items():
-        if isinstance(value, torch.Tensor):
-            found.append((container, key, value))
-        elif isinstance(value, dict) and depth > 1:
-            found += _tensor_slots(value, depth - 1)
-    return found
-
-
 def _copy_by_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst ← src`` as an elementwise kernel. Why not ``copy_``: between contiguous tensors of one dtype it is a
     memcpy, which a captured graph holds as a copy node among its kernel nodes (two a step before; as kernels they
@@ -173,14 +163,17 @@ def _copy_by_kernel(dst: torch.Tensor, src: torch.Tensor) -> None:
         torch.mul(src, 1, out=dst)
 
 
-def _commit(state: StepState, before: list[tuple[dict, Any, torch.Tensor]], probs: torch.Tensor | None) -> None:
+def _commit(state: StepState, before: list[tuple[Slot, torch.Tensor]], probs: torch.Tensor | None) -> None:
     """Copy tensors the step put in place of existing ones back into the originals (stable addresses)."""
-    for container, key, old in before:
-        new = container.get(key)
+    for slot, old in before:
+        try:
+            new = slot.get()
+        except (KeyError, IndexError):  # the step removed it
+            continue
         if isinstance(new, torch.Tensor) and new is not old and new.shape == old.shape and new.dtype == old.dtype \
                 and new.device == old.device:
             _copy_by_kernel(old, new)
-            container[key] = old
+            slot.set(old)
     if probs is not None and state.last_probs is not probs and state.last_probs is not None \
             and state.last_probs.shape == probs.shape and state.last_probs.dtype == probs.dtype:
         _copy_by_kernel(probs, state.last_probs)
@@ -403,7 +396,7 @@ class _Stepper:
         self.stats["capture_s"] += time.perf_counter() - start
 
     def _run_body(self, length: int) -> None:
-        before = _tensor_slots(self.state.memory)
+        before = [(slot, slot.get()) for slot in memory_tensors(self.state.memory).values()]
         probs = self.state.last_probs
         if self.options.check_syncs and self.state.adapter.device.type == "cuda" and not self.graphs:
             torch.cuda.set_sync_debug_mode("error")

@@ -56,6 +56,13 @@ def _walk(holder: Any, prefix: Path, depth: int, found: dict[Path, Slot], attrib
             _walk(value, prefix + (key,), depth - 1, found, attribute=False)
 
 
+def memory_tensors(memory: dict) -> dict[Path, Slot]:
+    """The tensors in a run's ``state.memory`` (two levels), by path."""
+    found: dict[Path, Slot] = {}
+    _walk(memory, ("memory",), 2, found, attribute=False)
+    return found
+
+
 def run_tensors(state: Any, hooks: Any, extra: dict[str, Any] | None = None) -> dict[Path, Slot]:
     """Every tensor of a run that a captured step may touch, by path: the state's tensor fields (and tensors in its
     dict and list fields), its memory (two levels), its trace buffers, each strategy's attributes (two levels) and
@@ -69,7 +76,7 @@ def run_tensors(state: Any, hooks: Any, extra: dict[str, Any] | None = None) -> 
             found[("state", f.name)] = Slot(state, f.name, True)
         elif isinstance(value, (dict, list)):
             _walk(value, ("state", f.name), 1, found, attribute=False)
-    _walk(state.memory, ("memory",), 2, found, attribute=False)
+    found.update(memory_tensors(state.memory))
     _walk(state.trace.buffers, ("trace",), 1, found, attribute=False)
     for index, strategy in enumerate(getattr(hooks, "strategies", None) or []):
         _walk(strategy, ("strategy", index), 2, found, attribute=True)
