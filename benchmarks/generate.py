@@ -202,6 +202,37 @@ def time_path(fn: Callable[[], Any], runs: int, device: torch.device) -> dict[st
     return out
 
 
+def step_times(run: Callable[[Callable[[int], None]], Any], device: torch.device) -> dict[str, Any]:
+    """One more batch with a CUDA event recorded as each token is chosen (the loop's progress callback): where the
+    batch's time goes — up to the first token (the host's setup, the prompt's forward, the first choice), the
+    steps (median, fastest, slowest), after the last — and how far ahead of the GPU the host was."""
+    events: list[torch.cuda.Event] = []
+    host: list[float] = []
+
+    def tick(_count: int) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append(event)
+        host.append(time.perf_counter())
+
+    _clean(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start = time.perf_counter()
+    begin.record()
+    run(tick)
+    end.record()
+    host_end = time.perf_counter()
+    end.synchronize()
+    steps = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    return {
+        "total_ms": begin.elapsed_time(end), "to_first_token_ms": begin.elapsed_time(events[0]),
+        "host_to_first_token_ms": (host[0] - start) * 1e3, "steps_ms": events[0].elapsed_time(events[-1]),
+        "after_last_ms": events[-1].elapsed_time(end), "step_ms_median": statistics.median(steps),
+        "step_ms_min": min(steps), "step_ms_max": max(steps), "tokens": len(events),
+        "host_done_before_gpu_ms": (host_end - start) * 1e3,
+    }
+
+
 def measure_device(device: torch.device) -> dict[str, float]:
     """Device-to-device copy bandwidth (bytes read + written) and a bf16 GEMM rate, as the floor's ceilings."""
     if device.type != "cuda":
@@ -394,6 +425,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", action="store_true",
                         help="one more batch of the first graph variant under torch.profiler: GPU time per step by "
                              "kernel group (benchmarks/kernels.py)")
+    parser.add_argument("--phases", action="store_true",
+                        help="one more batch of the first graph variant with an event per token: the time up to the "
+                             "first token, per step, after the last")
     parser.add_argument("--runs", type=int, default=3, help="timed batches per path (after one warm-up)")
     parser.add_argument("--rng", choices=("row", "torch"), default="row", help="sampler of the eager and graph paths")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"graph variants: {', '.join(VARIANTS)}")
@@ -450,10 +484,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         generator = torch.Generator(device=device).manual_seed(0) if args.rng == "torch" else None
         return Sampler(rng=args.rng, generator=generator)
 
-    def ours(loop, strategies: Decoder = decoder) -> Callable[[], torch.Tensor]:
+    def ours(loop, strategies: Decoder = decoder, progress=None) -> Callable[[], torch.Tensor]:
         def go() -> torch.Tensor:
             with torch.inference_mode():
-                result = run_images(adapter, strategies, requests, cfg=strategies.cfg, sampler=sampler(), loop=loop)
+                result = run_images(adapter, strategies, requests, cfg=strategies.cfg, sampler=sampler(), loop=loop,
+                                    progress=progress)
             strategies.raise_on_bad_boundaries(result.state)
             return result.tokens
 
@@ -476,6 +511,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 entry["last_run"] = loop.stats
             report["paths"][name] = entry
             save()
+            if index == 0 and args.phases and device.type == "cuda":
+                _log("phases")
+                report["phases"] = attempt("phases", lambda: step_times(lambda tick: ours(loop, progress=tick)(),
+                                                                        device))
             profile = index == 0 and args.profile and device.type == "cuda"
             if profile:  # a run of the timed loop: it replays the graphs kept from the last timed run
                 from .kernels import kernel_breakdown
