@@ -60,6 +60,12 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-compiled-b8": FastOptions(compile="inductor", bucket=8),
     # the output and down projections split into 4 K parts (256 programs) instead of 2
     "graph-compiled-split256": FastOptions(compile="inductor", split_programs=256),
+    # Inductor's small kernels of the layer pieces (the norms with the split sums, the rotary and cache store):
+    # launch settings timed at compile; reductions split across blocks; persistent vs looped reductions timed
+    "graph-compiled-tuned": FastOptions(compile="inductor", inductor=(("max_autotune_pointwise", True),
+                                                                      ("coordinate_descent_tuning", True))),
+    "graph-compiled-coop": FastOptions(compile="inductor", inductor=(("triton.cooperative_reductions", True),)),
+    "graph-compiled-multi": FastOptions(compile="inductor", inductor=(("triton.multi_kernel", 1),)),
     "graph-cublas": FastOptions(gemm="cublas"),
     "graph-autotuned": FastOptions(compile="max-autotune"),  # the same, GEMMs timed against Triton templates
     # the project's split-KV decode attention instead of SDPA ("auto" picks SDPA at 16 images with CFG)

@@ -63,6 +63,22 @@ def idle_time(spans: list[tuple[float, float, str]], top: int = 12) -> dict[str,
             "between": [{"kernels": k, "count": c, "us": round(us, 1)} for k, (c, us) in ranked]}
 
 
+def one_step(spans: list[tuple[float, float, str]], steps: int) -> list[dict[str, Any]]:
+    """The kernels of one step in the middle of a run, in order, with their µs and the idle µs before each: the
+    step is cut at a kernel that runs once a step (the first name seen ``steps - 1`` or ``steps`` times)."""
+    spans = sorted(spans)
+    counts: dict[str, int] = {}
+    for _, _, name in spans:
+        counts[name] = counts.get(name, 0) + 1
+    marker = next((name for _, _, name in spans if counts[name] in (steps - 1, steps)), None)
+    if marker is None:
+        return []
+    at = [i for i, (_, _, name) in enumerate(spans) if name == marker]
+    first, last = at[len(at) // 2], at[len(at) // 2 + 1]
+    return [{"name": name[:90], "us": round(end - start, 2), "idle_before_us": round(start - spans[i - 1][1], 2)}
+            for i, (start, end, name) in enumerate(spans[first + 1:last + 1], start=first + 1)]
+
+
 def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[str, Any]:
     """Run ``fn`` once under the profiler; GPU microseconds per step by group, kernel launches per step, top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -88,6 +104,7 @@ def kernel_breakdown(fn: Callable[[], Any], steps: int, top: int = 40) -> dict[s
         "groups": {k: {m: round(v, 1) for m, v in e.items()} for k, e in sorted(groups.items())},
         "total_us_per_step": round(sum(e["us_per_step"] for e in groups.values()), 1),
         "idle": idle_time(spans),
+        "one_step": one_step(spans, steps),
         "top": [{"name": name[:120], "group": _group(name), "us_per_step": round(sum(t) / steps, 1),
                  "calls_per_step": round(len(t) / steps, 2)} for name, t in ranked],
     }

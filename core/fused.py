@@ -13,7 +13,6 @@ wrapper per function and backend for the process).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -211,17 +210,20 @@ def _layer_rest(h: torch.Tensor, attended: torch.Tensor, o_weight: torch.Tensor,
     return h, _linear(inner, down_weight, gemm, parts=True, programs=programs)
 
 
-def _layer_pieces(backend: str | None, gemm: str = "cublas",
-                  writes_cache: bool = False) -> tuple[Callable, Callable]:
+def _layer_pieces(backend: str | None, gemm: str = "cublas", writes_cache: bool = False,
+                  inductor: tuple[tuple[str, Any], ...] = ()) -> tuple[Callable, Callable]:
     """The two halves, plain or compiled with ``backend`` (every layer and run of the same shapes reuses them);
     ``gemm="matvec"`` (one row): their GEMV reductions timed at compile (``compiling.TUNED_OPTIONS``);
-    ``writes_cache``: the first half is :func:`_attention_inputs_cached`."""
+    ``writes_cache``: the first half is :func:`_attention_inputs_cached`; ``inductor``: more Inductor settings
+    (``FastOptions.inductor``)."""
     first = _attention_inputs_cached if writes_cache else _attention_inputs
     if backend is None:
         return first, _layer_rest
     tune = gemm == "matvec"
-    return (compiled(first, backend, tune_reductions=tune, options=_first_half_options() if writes_cache else None),
-            compiled(_layer_rest, backend, tune_reductions=tune))
+    extra = _known_options(dict(inductor))
+    first_options = {**(_first_half_options() if writes_cache else {}), **extra}
+    return (compiled(first, backend, tune_reductions=tune, options=first_options or None),
+            compiled(_layer_rest, backend, tune_reductions=tune, options=extra or None))
 
 
 # The first half that stores k and v: Inductor fuses two pointwise nodes only when they share data, and the v store
@@ -232,12 +234,23 @@ def _layer_pieces(backend: str | None, gemm: str = "cublas",
 FIRST_HALF_OPTIONS = {"aggressive_fusion": True, "score_fusion_memory_threshold": 0}
 
 
-@functools.cache
 def _first_half_options() -> dict[str, Any]:
     """``FIRST_HALF_OPTIONS`` that this torch's Inductor knows."""
+    return _known_options(FIRST_HALF_OPTIONS)
+
+
+def _known_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The Inductor settings of ``options`` that this torch knows (dotted names for sub-configs)."""
     import torch._inductor.config as inductor_config
 
-    return {name: value for name, value in FIRST_HALF_OPTIONS.items() if hasattr(inductor_config, name)}
+    def known(name: str) -> bool:
+        owner: Any = inductor_config
+        *parents, leaf = name.split(".")
+        for part in parents:
+            owner = getattr(owner, part, None)
+        return owner is not None and hasattr(owner, leaf)
+
+    return {name: value for name, value in options.items() if known(name)}
 
 
 class PrefillLayers:

@@ -111,6 +111,9 @@ class FastOptions:
     gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
     # "triton": the programs a split-K GEMM (output and down projections) aims at (core.skinny_gemm.launch_for)
     split_programs: int = 128
+    # Inductor settings for the compiled layer pieces, as (name, value) pairs (dotted names for sub-configs, e.g.
+    # ("triton.cooperative_reductions", True)); names this torch does not know are left out
+    inductor: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -125,6 +128,9 @@ class FastOptions:
             raise ValueError(f"`gemm` must be 'auto', 'cublas', 'triton' or 'matvec', got {self.gemm!r}")
         if not isinstance(self.split_programs, int) or self.split_programs < 1:
             raise ValueError(f"`split_programs` must be an integer >= 1, got {self.split_programs!r}")
+        if not isinstance(self.inductor, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and
+                                                            isinstance(p[0], str) for p in self.inductor):
+            raise ValueError(f"`inductor` must be a tuple of (name, value) pairs, got {self.inductor!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
             raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
 
@@ -490,7 +496,8 @@ class _Stepper:
         used = self._used_keys() if self.attention == "flash" else None
         gemm = self.options.gemm  # resolved by FastLoop._gemm: "cublas", "matvec" (one row) or "triton"
         kernel_writes = self.attention == "triton"  # the decode kernel stores k/v itself; else the first half does
-        first_half, second_half = _layer_pieces(self.options.compile, gemm, writes_cache=not kernel_writes)
+        first_half, second_half = _layer_pieces(self.options.compile, gemm, writes_cache=not kernel_writes,
+                                                inductor=self.options.inductor)
         cache = self.state.cache
         delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
