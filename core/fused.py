@@ -23,7 +23,7 @@ from torch import nn
 from .compiling import compiled
 from .skinny_gemm import launch_for, skinny_gemm_unchecked, sum_parts
 
-__all__ = ["add_delta", "final_rms_norm", "fuse_projections", "rms_norm"]
+__all__ = ["add_delta", "add_delta_and_norm", "final_rms_norm", "fuse_projections", "rms_norm"]
 
 
 @dataclass
@@ -148,6 +148,14 @@ def add_delta(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The residual add of a layer's MLP output ``delta`` — ``[B, H]``, or the down projection's unsummed split
     parts ``[splits, B, H]`` fp32, summed here so that a compiler folds the sum into the add's kernel."""
     return h + sum_parts(delta, h.dtype)
+
+
+def add_delta_and_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """After the last layer: its MLP residual (:func:`add_delta`) and the final rms norm → ``h`` and the normed
+    ``h`` (one kernel compiled; the sum of the down projection's split parts joins it)."""
+    h = add_delta(h, delta)
+    return h, rms_norm(h, weight, eps)
 
 
 def _gated_mlp_inner(x: torch.Tensor, gate_up_weight: torch.Tensor, gemm: str = "cublas") -> torch.Tensor:

@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
-from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add_delta, final_rms_norm,
-                    fuse_projections, rms_norm)
+from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add_delta, add_delta_and_norm,
+                    final_rms_norm, fuse_projections)
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
@@ -273,6 +273,7 @@ class _Stepper:
             cos, sin = adapter.rotary(probe, positions)  # [1, 2L, D]
             self.cos_table, self.sin_table = cos[0], sin[0] * sign  # rotate_half(x)·sin = flip(x)·(sign·sin)
             self.final_norm = final_rms_norm(adapter)
+            self.normed: torch.Tensor | None = None  # the step's final norm, made beside the last residual
         if self.attention == "flash":
             b = self.rows
             nkv, length = adapter.num_kv_heads, cache.max_len
@@ -437,7 +438,7 @@ class _Stepper:
         self.pos.add_(1)
         self.slot.add_(1)
         if self.weights is not None and self.final_norm is not None:
-            h = state.compiled(rms_norm)(h, *self.final_norm)
+            h = self.normed
         else:
             h = adapter.final_norm(h)
         logits = adapter.head(h, state.mode)  # [B, V]
@@ -513,7 +514,10 @@ class _Stepper:
             out = self._attend(index, q, k, v, w.scaling, length, masks, used)  # [B, nq·D]
             h, delta = second_half(h, out, w.o, w.ln2, w.eps2, w.gate_up, w.down, gemm=gemm,
                                    programs=self.options.split_programs)
-        h = add_delta(h, delta)
+        if self.final_norm is not None:  # the last residual and the final norm in one compiled call
+            h, self.normed = self.state.compiled(add_delta_and_norm)(h, delta, *self.final_norm)
+        else:
+            h = add_delta(h, delta)
         if adapter.num_layers in wanted:
             captured[adapter.num_layers] = h
         return h

@@ -67,9 +67,22 @@ def row_uniforms_from(key_hash: torch.Tensor, step: torch.Tensor, vocab_hashes: 
     return ((bits >> 8).to(torch.float64) + 0.5).to(torch.float32) * (1.0 / (1 << 24))
 
 
+# The race's argmax in this many pieces of each row, then over the pieces' winners: the same first index of the
+# maximum (a NaN wins, as in argmax), but a compiled step runs rows × pieces programs where one reduction had a
+# program per row (16 rows of 16384 at the image batch: one kernel of 10 µs on an H200, benchmarks/README.md).
+RACE_PIECES = 16
+
+
 def race(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The exponential race ``argmax(p / E)``, ``E = -log(U)``: a multinomial draw per row ``[R, V]`` → ``[R]``."""
-    return torch.argmax(probs / -torch.log(uniforms), dim=-1)
+    scores = probs / -torch.log(uniforms)
+    rows, vocab = scores.shape
+    if vocab % RACE_PIECES:
+        return torch.argmax(scores, dim=-1)
+    width = vocab // RACE_PIECES
+    best, where = scores.view(rows, RACE_PIECES, width).max(dim=-1)  # [R, S]: each piece's max and its first index
+    piece = torch.argmax(best, dim=-1, keepdim=True)  # [R, 1]: the first piece holding the row's maximum
+    return (piece * width + where.gather(-1, piece))[:, 0]
 
 
 def race_from(probs: torch.Tensor, key_hash: torch.Tensor, step: torch.Tensor,

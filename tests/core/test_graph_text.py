@@ -132,7 +132,7 @@ def test_one_row_compiled_step_equals_core_loop(request, which, sampler, monkeyp
     original = fused._linear
     monkeypatch.setattr(fused, "_linear", lambda x, w, gemm="cublas", parts=False, programs=128: calls.append(
         (gemm, x.shape[0])) or original(x, w, gemm, parts, programs))
-    monkeypatch.setattr(graph, "_layer_pieces", lambda backend, gemm, writes_cache: fused._layer_pieces(
+    monkeypatch.setattr(graph, "_layer_pieces", lambda backend, gemm, writes_cache, **_: fused._layer_pieces(
         None, gemm, writes_cache))
     _same(eager, go(FastLoop(FastOptions(graphs=False, compile="eager"))))
     step = [gemm for gemm, rows in calls if rows == 1]  # (the prompt's forward has a row per prompt token)

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from janus_decoding.core.sampling import entropy_nats, probabilities, row_uniforms, sample_row_rng, sample_torch
+from janus_decoding.core.sampling import (RACE_PIECES, entropy_nats, probabilities, race, row_uniforms, sample_row_rng,
+                                          sample_torch)
 
 _KEY = st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 1000), st.integers(0, 50))
 
@@ -119,3 +120,20 @@ def test_probabilities_are_fp32_softmax_and_entropy_is_in_nats():
     assert p.dtype == torch.float32
     torch.testing.assert_close(p, torch.tensor([[1 / 3, 1 / 3, 0.0, 1 / 3]]))
     torch.testing.assert_close(entropy_nats(p), torch.tensor([math.log(3)]))
+
+
+@given(st.integers(1, 4), st.sampled_from([RACE_PIECES, 2 * RACE_PIECES, 5 * RACE_PIECES, 3 * RACE_PIECES + 1]),
+       st.integers(0, 2**31), st.sampled_from(["plain", "ties", "nan", "zeros"]))
+def test_race_in_pieces_is_the_whole_rows_first_argmax(rows, vocab, seed, kind):
+    """The race's argmax taken piece by piece gives argmax's answer: the first index of the maximum, ties (equal
+    scores) included, a NaN winning as in argmax, an all-zero row giving index 0."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.rand(rows, vocab, generator=gen)
+    uniforms = torch.rand(rows, vocab, generator=gen).clamp_min(1e-7)
+    if kind == "ties":
+        probs, uniforms = (probs * 3).round() / 3, torch.full_like(uniforms, 0.5)
+    elif kind == "nan":
+        probs[0, vocab // 2] = probs[0, vocab - 1] = float("nan")
+    elif kind == "zeros":
+        probs[0] = 0
+    assert torch.equal(race(probs, uniforms), torch.argmax(probs / -torch.log(uniforms), dim=-1))
