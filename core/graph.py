@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
+from .embedding_table import image_embedding_table
 from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add_delta, add_delta_and_norm,
                     final_rms_norm, fuse_projections)
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
@@ -259,6 +260,9 @@ class _Stepper:
         self.adopting = False  # a later run's state: its tensors go into the baked ones at the next load
         self.warm = False
         self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0}
+        # image tokens' embeddings looked up instead of re-embedded (core/embedding_table.py says why CUDA only)
+        self.image_table = image_embedding_table(adapter) if state.mode == "image" and device.type == "cuda" \
+            else None
         self.row_draw = None
         if sampler.rng == "row" and not sampler.greedy and sampler.row_draw is None:
             vocab = adapter.image_vocab_size if state.mode == "image" else adapter.vocab_size
@@ -421,7 +425,9 @@ class _Stepper:
         """Tokens ``self.tok`` → the next tokens, in place; advances the position, slot and step buffers."""
         state, hooks, adapter, cache = self.state, self.hooks, self.state.adapter, self.state.cache
         if state.mode == "image":
-            embeds = adapter.embed_image_tokens(pair_rows(self.tok, state.layout))  # [B, H]
+            ids = pair_rows(self.tok, state.layout)  # [B]
+            embeds = adapter.embed_image_tokens(ids) if self.image_table is None else \
+                self.image_table.index_select(0, ids)  # [B, H]
         else:
             embeds = adapter.embed_text(self.tok[:, None])[:, 0]
         n = adapter.num_layers
