@@ -150,11 +150,13 @@ def add_delta(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return h + sum_parts(delta, h.dtype)
 
 
-def add_delta_and_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+def add_delta_and_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """After the last layer: its MLP residual (:func:`add_delta`) and the final rms norm → ``h`` and the normed
-    ``h`` (one kernel compiled; the sum of the down projection's split parts joins it)."""
-    h = add_delta(h, delta)
+    """The last MLP's residual (:func:`add_delta`; None before the first layer) and an rms norm → ``h`` and the
+    normed ``h`` (one kernel compiled; the sum of the down projection's split parts joins it): the final norm after
+    the last layer, and a layer's input norm where the q/k/v GEMM runs on its own (``core/qkv_rope.py``)."""
+    if delta is not None:
+        h = add_delta(h, delta)
     return h, rms_norm(h, weight, eps)
 
 

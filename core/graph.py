@@ -65,6 +65,7 @@ from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
+from .qkv_rope import qkv_rope, qkv_rope_unavailable
 from .reuse import Slot, detach, memory_tensors, run_tensors, snapshot, transplant
 from .sampling import race_from, row_key_hash, vocab_hash
 from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
@@ -112,6 +113,12 @@ class FastOptions:
     gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
     # "triton": the programs a split-K GEMM (output and down projections) aims at (core.skinny_gemm.launch_for)
     split_programs: int = 128
+    # "triton" GEMMs with the first half storing k/v: the rotary and the k/v store in the q/k/v GEMM's epilogue
+    # (core/qkv_rope.py: one kernel a layer fewer)
+    rotary_in_gemm: bool = True
+    # image mode on CUDA: the image tokens' embeddings looked up in a table built once (core/embedding_table.py)
+    # instead of re-embedded through the model's MLP each step
+    image_table: bool = True
     # Inductor settings for the compiled layer pieces, as (name, value) pairs (dotted names for sub-configs, e.g.
     # ("triton.cooperative_reductions", True)); names this torch does not know are left out
     inductor: tuple[tuple[str, Any], ...] = ()
@@ -132,6 +139,9 @@ class FastOptions:
         if not isinstance(self.inductor, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and
                                                             isinstance(p[0], str) for p in self.inductor):
             raise ValueError(f"`inductor` must be a tuple of (name, value) pairs, got {self.inductor!r}")
+        for name in ("rotary_in_gemm", "image_table"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
             raise ValueError(f"`compile` must be None or a torch.compile backend name, got {self.compile!r}")
 
@@ -261,13 +271,14 @@ class _Stepper:
         self.warm = False
         self.stats = {"replays": 0, "graph_free_steps": 0, "captures": 0, "capture_s": 0.0, "eager_steps": 0}
         # image tokens' embeddings looked up instead of re-embedded (core/embedding_table.py says why CUDA only)
-        self.image_table = image_embedding_table(adapter) if state.mode == "image" and device.type == "cuda" \
-            else None
+        self.image_table = image_embedding_table(adapter) \
+            if options.image_table and state.mode == "image" and device.type == "cuda" else None
         self.row_draw = None
         if sampler.rng == "row" and not sampler.greedy and sampler.row_draw is None:
             vocab = adapter.image_vocab_size if state.mode == "image" else adapter.vocab_size
             self.row_draw = _RowDraw(state, vocab)
             self.sampler = dataclasses.replace(sampler, row_draw=self.row_draw)
+        self.rotary_in_gemm = False
         if layer_weights is not None:
             # cos/sin of every position a run can reach (positions < slots ≤ max_len), rows looked up per step
             half = adapter.head_dim // 2
@@ -277,12 +288,23 @@ class _Stepper:
             cos, sin = adapter.rotary(probe, positions)  # [1, 2L, D]
             self.cos_table, self.sin_table = cos[0], sin[0] * sign  # rotate_half(x)·sin = flip(x)·(sign·sin)
             self.final_norm = final_rms_norm(adapter)
+            self.rotary_in_gemm = self._rotary_in_gemm(layer_weights[0])
             self.normed: torch.Tensor | None = None  # the step's final norm, made beside the last residual
         if self.attention == "flash":
             b = self.rows
             nkv, length = adapter.num_kv_heads, cache.max_len
             self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
             self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * (nkv * length)
+
+    def _rotary_in_gemm(self, first: _LayerWeights) -> bool:
+        """Whether the layers' first halves run as norm + :func:`qkv_rope` (the Triton GEMM's path with the first
+        half storing k/v, when the kernel can take these shapes)."""
+        if not self.options.rotary_in_gemm or self.options.gemm != "triton" or self.attention == "triton":
+            return False
+        adapter, cache = self.state.adapter, self.state.cache
+        probe = torch.empty((self.rows, first.qkv.shape[1]), dtype=first.qkv.dtype, device=first.qkv.device)
+        return qkv_rope_unavailable(probe, first.qkv, adapter.head_dim, first.o.shape[1] // adapter.head_dim,
+                                    adapter.num_kv_heads, cache.keys[0]) is None
 
     # -- host ↔ buffers ---------------------------------------------------------------------------------------
     def load(self, t: int, tokens: torch.Tensor) -> None:
@@ -497,8 +519,9 @@ class _Stepper:
         adapter = self.state.adapter
         d, nkv = adapter.head_dim, adapter.num_kv_heads
         h = embeds  # [B, H]
-        cos = self.cos_table.index_select(0, self.pos)[:, None]  # [B, 1, D]
-        sin = self.sin_table.index_select(0, self.pos)[:, None]
+        if not self.rotary_in_gemm:
+            cos = self.cos_table.index_select(0, self.pos)[:, None]  # [B, 1, D]
+            sin = self.sin_table.index_select(0, self.pos)[:, None]
         masks = self._masks(length, h.dtype) if self.attention == "sdpa" else None  # once per step, shared by layers
         used = self._used_keys() if self.attention == "flash" else None
         gemm = self.options.gemm  # resolved by FastLoop._gemm: "cublas", "matvec" (one row) or "triton"
@@ -509,7 +532,13 @@ class _Stepper:
         delta = None  # the last MLP output, added by the next layer's first half
         for index, w in enumerate(self.weights):
             nq = w.o.shape[1] // d
-            if kernel_writes:
+            if self.rotary_in_gemm:  # the norm, then one kernel: q/k/v GEMM, rotary, k/v into the cache
+                h, x = self.state.compiled(add_delta_and_norm)(h, delta, w.ln1, w.eps1)
+                q = qkv_rope(x, w.qkv, head_dim=d, num_heads=nq, num_kv_heads=nkv, cos_table=self.cos_table,
+                             sin_table=self.sin_table, positions=self.pos, keys=cache.keys[index],
+                             values=cache.values[index], slot=self.slot[index: index + 1]).view(-1, nq, d)
+                k = v = None
+            elif kernel_writes:
                 h, q, k, v = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, gemm=gemm)
             else:
                 h, q = first_half(h, delta, w.ln1, w.eps1, w.qkv, cos, sin, nq, nkv, cache.keys[index],
@@ -761,6 +790,7 @@ class FastLoop:
         hooks.end(state)
         self.stats = {**stepper.stats, "attention": stepper.attention, "gemm": options.gemm,
                       "layers": "fused" if weights else "transformers", "graphs": graphs,
+                      "rotary_in_gemm": stepper.rotary_in_gemm,
                       "read_lens": sorted({k[1] for k in stepper.captured})}
         stepper.finish()  # the run's tensors become its own copies; the kept ones serve the next run
         self._kept = (signature, stepper)

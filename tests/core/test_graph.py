@@ -107,6 +107,10 @@ def test_triton_gemm_step_equals_core_loop(model, spec):
     loop = FastLoop(FastOptions(graphs=False, gemm="triton"))
     _same_run(_generate(model, decoder, run), _generate(model, decoder, loop))
     assert loop.stats["gemm"] == "triton" and loop.stats["graph_free_steps"] > 0
+    assert loop.stats["rotary_in_gemm"]  # q/k/v GEMM, rotary and the k/v store in one kernel (core/qkv_rope.py)
+    apart = FastLoop(FastOptions(graphs=False, gemm="triton", rotary_in_gemm=False))
+    _same_run(_generate(model, decoder, run), _generate(model, decoder, apart))
+    assert not apart.stats["rotary_in_gemm"]
 
 
 def test_gemm_form_by_rows_device_and_options(model):
@@ -299,6 +303,8 @@ def test_options_are_checked():
         FastOptions(attention="xformers")
     with pytest.raises(ValueError, match="gemm"):
         FastOptions(gemm="cutlass")
+    with pytest.raises(ValueError, match="rotary_in_gemm"):
+        FastOptions(rotary_in_gemm=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
