@@ -65,6 +65,7 @@ from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
                    select_token)
 from .protocol import HookRunner, NoHooks, Rebuild
+from .prompt_graph import PromptGraph, PromptRunner, prompt_capturable
 from .qkv_rope import qkv_rope, qkv_rope_unavailable
 from .reuse import Slot, detach, memory_tensors, run_tensors, snapshot, transplant
 from .sampling import race_from, row_key_hash, vocab_hash
@@ -113,6 +114,9 @@ class FastOptions:
     gemm: Literal["auto", "cublas", "triton", "matvec"] = "auto"
     # "triton": the programs a split-K GEMM (output and down projections) aims at (core.skinny_gemm.launch_for)
     split_programs: int = 128
+    # with graphs: the prompt's forward captured too and replayed by the next run of the same signature when the
+    # prefill calls no hook with tensors (core/prompt_graph.py)
+    prompt_graph: bool = True
     # "triton" GEMMs with the first half storing k/v: the rotary and the k/v store in the q/k/v GEMM's epilogue
     # (core/qkv_rope.py: one kernel a layer fewer)
     rotary_in_gemm: bool = True
@@ -139,7 +143,7 @@ class FastOptions:
         if not isinstance(self.inductor, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and
                                                             isinstance(p[0], str) for p in self.inductor):
             raise ValueError(f"`inductor` must be a tuple of (name, value) pairs, got {self.inductor!r}")
-        for name in ("rotary_in_gemm", "image_table"):
+        for name in ("rotary_in_gemm", "image_table", "prompt_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
@@ -266,6 +270,7 @@ class _Stepper:
         self.stream = torch.cuda.Stream(device=device) if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.captured: dict[tuple[str, int], Any] = {}
+        self.prompt_graph: PromptGraph | None = None  # the prefill's, for the next run of this signature
         self.baked: dict[tuple, torch.Tensor] | None = None  # the run's tensors the graphs were captured with
         self.adopting = False  # a later run's state: its tensors go into the baked ones at the next load
         self.warm = False
@@ -734,18 +739,23 @@ class FastLoop:
         state.memory["_prompt_layers"] = set(hooks.prompt_layers(state))
         layer_fn = None if weights is None else PrefillLayers(weights, state.adapter.head_dim,
                                                                  state.adapter.num_kv_heads)
-        logits: torch.Tensor | None = prefill(state, hooks, batch, embeds, layer_fn)
+        signature = self._signature(options, state, hooks, sampler, graphs, weights, text)
+        kept, self._kept = self._kept, None
+        same = kept is not None and kept[0] == signature
+        prompt = PromptRunner(kept[1].prompt_graph if same else None,
+                              capture=graphs and options.prompt_graph and prompt_capturable(state, hooks))
+        logits: torch.Tensor | None = prefill(state, hooks, batch, embeds, layer_fn, through=prompt)
         points = set(hooks.schedule_points(state))
         if points:
             _say_once("fast path: schedule hooks run eagerly at their step boundaries; the steps between replay")
         boundaries: dict[int, _Boundary | None] = {}
-        signature = self._signature(options, state, hooks, sampler, graphs, weights, text)
-        kept, self._kept = self._kept, None
-        if kept is not None and kept[0] == signature:
+        if same:
             stepper = kept[1]
             stepper.adopt(state, text)
         else:
             stepper = _Stepper(options, state, hooks, sampler, graphs, weights, text)
+        stepper.prompt_graph = prompt.captured
+        stepper.stats["prompt_replayed"] = prompt.replayed
         tokens: torch.Tensor | None = None
         t = 0
         while True:  # t == total_steps is visited once more, for a schedule hook after the last token

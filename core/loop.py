@@ -16,7 +16,7 @@ import torch
 from .batch import PromptBatch
 from .cfg import guide_rows, pair_rows
 from .prompt_rows import distinct_rows
-from .protocol import HookRunner, KVAppend, KVEdit, LayerFn, LayerKeep, Rebuild, Rollback
+from .protocol import HookRunner, KVAppend, KVEdit, LayerFn, LayerKeep, PromptForward, Rebuild, Rollback
 from .sampling import greedy, probabilities_and_flags, sample_row_rng, sample_torch
 from .state import StepState
 
@@ -113,19 +113,26 @@ def _apply_keep(state, keep: LayerKeep, index, h, positions, adapter):
 
 
 def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: torch.Tensor,
-            layer_fn: LayerFn | None = None) -> torch.Tensor:
+            layer_fn: LayerFn | None = None, through: PromptForward | None = None) -> torch.Tensor:
     """The prompt's forward: input-embeddings hook, layers (with layer hooks), head → logits ``[B, V]``.
 
     Rows with identical inputs (the 16 images of one prompt with CFG share two: the prompt and the unconditional
     one) are run once (:func:`distinct_rows`); every row still gets its cache entries, hidden states and logits.
-    ``layer_fn``: as in :func:`forward`."""
+    ``layer_fn``: as in :func:`forward`; ``through`` stands in for :func:`prompt_logits` (the fast loop replays it)."""
     embeds = hooks.input_embeddings(state, embeds)
     rows = distinct_rows(state, hooks, embeds)
-    h = forward(state, hooks, embeds, state.prompt_positions, state.attention_mask, prefill=True, rows=rows,
-                layer_fn=layer_fn)
-    state.next_positions = state.prompt_positions[:, -1] + 1
+    logits, state.next_positions = (through or prompt_logits)(state, hooks, embeds, state.prompt_positions,
+                                                              state.attention_mask, rows, layer_fn)
+    return logits
+
+
+def prompt_logits(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
+                  valid: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None,
+                  layer_fn: LayerFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefill`'s device work: the layers and the head → logits ``[B, V]`` and next positions ``[B]``."""
+    h = forward(state, hooks, embeds, positions, valid, prefill=True, rows=rows, layer_fn=layer_fn)
     logits = state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
-    return logits if rows is None else logits[rows[1]]
+    return (logits if rows is None else logits[rows[1]]), positions[:, -1] + 1
 
 
 def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:

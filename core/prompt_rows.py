@@ -11,11 +11,17 @@ import torch
 from .protocol import HookRunner
 from .state import StepState
 
-__all__ = ["distinct_rows"]
+__all__ = ["DistinctRows", "distinct_rows"]
 
 
-def distinct_rows(state: StepState, hooks: HookRunner,
-                  embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+class DistinctRows(tuple):
+    """``(first [U], inverse [B])`` on the device, with ``key``: the same two as host tuples (what a captured
+    prefill compares, without a sync)."""
+
+    key: tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def distinct_rows(state: StepState, hooks: HookRunner, embeds: torch.Tensor) -> DistinctRows | None:
     """For a prefill: ``(first [U], inverse [B])`` when only U < B of the rows differ — in their input embeddings
     (bit for bit), positions and validity — so that the layers run over rows ``first`` and row b takes the results
     of row ``first[inverse[b]]``; None when every row differs, when the cache already holds entries (rows could
@@ -42,4 +48,6 @@ def distinct_rows(state: StepState, hooks: HookRunner,
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[embeds.element_size()]
     if not torch.equal(embeds.view(bits), embeds[first[inverse]].view(bits)):
         return None
-    return first, inverse
+    rows = DistinctRows((first, inverse))
+    rows.key = (tuple(first_list), tuple(inverse_list))
+    return rows

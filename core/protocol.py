@@ -19,6 +19,9 @@ Mode = Literal["image", "text"]
 
 # a stand-in for layer `index`'s module in a forward: (index, h [B, T, H], mask [B, 1, T, L], (cos, sin), cache) -> h
 LayerFn = Callable[[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any], torch.Tensor]
+# the prompt's device work (core.loop.prompt_logits): (state, hooks, embeds, positions, valid, rows, layer_fn) ->
+# (logits [B, V], next positions [B])
+PromptForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class ModelAdapter(Protocol):

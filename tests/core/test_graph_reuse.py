@@ -198,6 +198,7 @@ def test_cuda_the_next_run_replays_the_kept_graphs(janus_folder, spec, compile):
     assert loop.stats["reused_step"] and loop.stats["captures"] == 0
     assert loop.stats["reused_graphs"] == captured and loop.stats["replays"] > 0
     assert loop.stats["graph_free_steps"] == 0  # no warm-up step
+    assert loop.stats["prompt_replayed"] == ("dola" not in spec)  # DoLa's hidden-state hook sees the prefill
     fresh = _generate(cuda, decoder, FastLoop(options), SECOND)
     assert torch.equal(second.tokens, fresh.tokens)
     assert torch.equal(second.state.history, fresh.state.history)
@@ -220,8 +221,11 @@ def test_cuda_text_runs_replay_the_kept_graphs(janus_folder):
     first = go(loop, rows[0], 1)
     kept = first.tokens.clone()
     second = go(loop, rows[1], 2)
-    assert loop.stats["reused_step"] and loop.stats["captures"] == 0
+    assert loop.stats["reused_step"] and loop.stats["captures"] == 0 and loop.stats["prompt_replayed"]
     assert torch.equal(second.tokens, go(FastLoop(FastOptions(bucket=8)), rows[1], 2).tokens)
+    off = FastLoop(FastOptions(bucket=8, prompt_graph=False))
+    go(off, rows[0], 1)
+    assert torch.equal(go(off, rows[1], 2).tokens, second.tokens) and not off.stats["prompt_replayed"]
     assert torch.equal(first.tokens, kept)
 
 
