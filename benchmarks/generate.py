@@ -66,10 +66,13 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
                                                                       ("coordinate_descent_tuning", True))),
     "graph-compiled-coop": FastOptions(compile="inductor", inductor=(("triton.cooperative_reductions", True),)),
     "graph-compiled-multi": FastOptions(compile="inductor", inductor=(("triton.multi_kernel", 1),)),
-    # without this session's two step changes (rotary and k/v store in the q/k/v GEMM; image embeddings by table)
+    # without each of session 8's changes (the rotary and k/v store in the q/k/v GEMM, image embeddings by table,
+    # the prompt's forward replayed), and without all three
     "graph-compiled-rotary-apart": FastOptions(compile="inductor", rotary_in_gemm=False),
     "graph-compiled-no-table": FastOptions(compile="inductor", image_table=False),
-    "graph-compiled-before": FastOptions(compile="inductor", rotary_in_gemm=False, image_table=False),
+    "graph-compiled-no-prompt-graph": FastOptions(compile="inductor", prompt_graph=False),
+    "graph-compiled-before": FastOptions(compile="inductor", rotary_in_gemm=False, image_table=False,
+                                         prompt_graph=False),
     "graph-cublas": FastOptions(gemm="cublas"),
     "graph-autotuned": FastOptions(compile="max-autotune"),  # the same, GEMMs timed against Triton templates
     # the project's split-KV decode attention instead of SDPA ("auto" picks SDPA at 16 images with CFG)

@@ -259,6 +259,8 @@ class _Stepper:
         self.pos = state.next_positions.clone()  # [B]
         self.slot = torch.zeros(adapter.num_layers, dtype=torch.long, device=device)  # [N] slot each layer writes
         self.slot_ids = torch.arange(cache.max_len, device=device)  # [L]
+        # the additive mask's two values (0 visible, -inf not), as tensors of the step's dtype for torch.where
+        self.mask_values = torch.tensor([0.0, float("-inf")], dtype=adapter.dtype, device=device)
         self.attention = options.attention
         # slots each layer holds (a cache may allocate layers after a pruning layer shorter)
         self.capacity = list(getattr(cache, "capacity", [cache.max_len] * adapter.num_layers))
@@ -491,8 +493,7 @@ class _Stepper:
             read = min(length, self.capacity[layer])
             if (group, read) not in made:
                 visible = cache.valid[layer, :, :read] & (self.slot_ids[:read] <= self.slot[layer])  # [B, R]
-                mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-                made[group, read] = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+                made[group, read] = torch.where(visible, self.mask_values[0], self.mask_values[1])[:, None, None, :]
             masks.append(made[group, read])
         return masks
 
