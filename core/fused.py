@@ -282,7 +282,9 @@ class PrefillLayers:
         if self._signed is None or self._signed[0] is not cos_sin:
             cos, sin = cos_sin
             half = cos.shape[-1] // 2
-            sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=sin.device, dtype=sin.dtype)
+            # made on the device: a host tensor's copy could not be captured (core/prompt_graph.py)
+            sign = torch.ones(cos.shape[-1], device=sin.device, dtype=sin.dtype)
+            sign[:half] = -1
             self._signed = (cos_sin, cos.reshape(-1, 1, cos.shape[-1]), (sin * sign).reshape(-1, 1, sin.shape[-1]))
         return self._signed[1], self._signed[2]
 

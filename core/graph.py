@@ -756,6 +756,8 @@ class FastLoop:
         else:
             stepper = _Stepper(options, state, hooks, sampler, graphs, weights, text)
         stepper.prompt_graph = prompt.captured
+        if prompt.failed:
+            _say_once(f"fast path: the prompt's forward could not be captured ({prompt.failed}); it runs eagerly")
         stepper.stats["prompt_replayed"] = prompt.replayed
         tokens: torch.Tensor | None = None
         t = 0

@@ -76,6 +76,7 @@ class PromptRunner:
         self.kept, self.capture = kept, capture
         self.captured: PromptGraph | None = None
         self.replayed = False
+        self.failed: str | None = None  # why a capture failed
 
     def __call__(self, state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
                  valid: torch.Tensor, rows: Any, layer_fn: LayerFn | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +90,9 @@ class PromptRunner:
             state.cache.fill[:] = before
             try:
                 self.captured = PromptGraph.capture(state, hooks, embeds, positions, valid, rows, layer_fn)
+            except RuntimeError as error:  # something in the forward cannot be captured: it stays eager
+                self.failed = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                torch.cuda.synchronize()
             finally:
                 state.cache.fill[:] = after
         return out
