@@ -34,11 +34,13 @@ def _key(state: StepState, embeds: torch.Tensor, rows: Any) -> tuple:
 
 
 class PromptGraph:
-    """One captured prompt forward: its input buffers, graph, outputs and the cache fill it leaves."""
+    """One captured prompt forward: its input buffers, graph, outputs and the cache fill it leaves. Every tensor
+    the graph reads that was made outside the capture is held here or is the model's or the kept cache's."""
 
     def __init__(self, key: tuple, inputs: tuple[torch.Tensor, ...], graph: torch.cuda.CUDAGraph,
-                 outputs: tuple[torch.Tensor, torch.Tensor], fill: list[int]) -> None:
+                 outputs: tuple[torch.Tensor, torch.Tensor], fill: list[int], rows: Any) -> None:
         self.key, self.inputs, self.graph, self.outputs, self.fill = key, inputs, graph, outputs, fill
+        self.rows = rows  # the row maps the graph reads: they must outlive the run that made them
 
     @classmethod
     def capture(cls, state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
@@ -55,7 +57,7 @@ class PromptGraph:
             fill = list(cache.fill)
         finally:
             cache.fill[:] = before
-        return cls(key, inputs, graph, outputs, fill)
+        return cls(key, inputs, graph, outputs, fill, rows)
 
     def replay(self, state: StepState, embeds: torch.Tensor, positions: torch.Tensor,
                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
