@@ -15,7 +15,7 @@ import torch
 
 from .batch import PromptBatch
 from .cfg import guide_rows, pair_rows
-from .prompt_rows import distinct_rows
+from .prompt_rows import DistinctRows, distinct_rows
 from .protocol import HookRunner, KVAppend, KVEdit, LayerFn, LayerKeep, PromptForward, Rebuild, Rollback
 from .sampling import greedy, probabilities_and_flags, sample_row_rng, sample_torch
 from .state import StepState
@@ -35,7 +35,6 @@ class Sampler:
 @dataclass
 class _Boundary:
     """What the loop needs to resume at a step boundary (for rollbacks)."""
-
     fill: list[int]
     next_positions: torch.Tensor
     logits: torch.Tensor | None  # set when a prefill produced this step's logits
@@ -127,8 +126,7 @@ def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: tor
 
 
 def prompt_logits(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
-                  valid: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None,
-                  layer_fn: LayerFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  valid: torch.Tensor, rows: DistinctRows | None, layer_fn: LayerFn | None) -> tuple[torch.Tensor, ...]:
     """:func:`prefill`'s device work: the layers and the head → logits ``[B, V]`` and next positions ``[B]``."""
     h = forward(state, hooks, embeds, positions, valid, prefill=True, rows=rows, layer_fn=layer_fn)
     logits = state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
@@ -210,20 +208,16 @@ def inject(state: StepState, hooks: HookRunner, actions: list[KVAppend | KVEdit]
             state.cache.add_(action.layer, action.slot, action.d_key, action.d_value, action.rows)
             continue
         embeds = action.embeds if action.embeds is not None else state.adapter.embed_text(action.ids)
-        rows = action.rows if action.rows is not None else torch.ones(embeds.shape[0], dtype=torch.bool,
-                                                                      device=embeds.device)
-        k = embeds.shape[1]
+        k, rows = embeds.shape[1], action.rows
+        rows = rows if rows is not None else torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
         positions = state.next_positions[:, None] + torch.arange(k, device=embeds.device)[None]
-        forward(state, _Silent(hooks), embeds, positions, rows[:, None].expand(-1, k), prefill=False)
+        forward(state, _Silent(), embeds, positions, rows[:, None].expand(-1, k), prefill=False)
         if action.advance:
             state.next_positions = state.next_positions + k * rows.long()
 
 
 class _Silent:
     """The hooks as an injection forward sees them: no hidden-state or layer hooks fire on injected entries."""
-
-    def __init__(self, hooks: HookRunner):
-        self._hooks = hooks
 
     def hidden_layers(self, state):
         return []
