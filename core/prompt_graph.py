@@ -94,7 +94,8 @@ class PromptRunner:
                 self.captured = PromptGraph.capture(state, hooks, embeds, positions, valid, rows, layer_fn)
             except RuntimeError as error:  # something in the forward cannot be captured: it stays eager
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-                torch.cuda.synchronize()
+                if embeds.is_cuda:
+                    torch.cuda.synchronize(embeds.device)
             finally:
                 state.cache.fill[:] = after
         return out
