@@ -35,7 +35,7 @@ def qkv_rope_unavailable(x: torch.Tensor, w: torch.Tensor, head_dim: int, num_he
     if half < 8 or half & (half - 1) or head_dim % (2 * half):
         return f"qkv_rope: head dim {head_dim} does not split into pairs of power-of-two slabs"
     if x.dim() != 2 or x.shape[0] > 64 or x.stride(1) != 1 or w.stride(1) != 1 or x.dtype != w.dtype:
-        return f"qkv_rope: needs x [M ≤ 64, K] and w [N, K] with contiguous rows of one dtype"
+        return "qkv_rope: needs x [M ≤ 64, K] and w [N, K] with contiguous rows of one dtype"
     if w.shape[0] != (num_heads + 2 * num_kv_heads) * head_dim or w.shape[1] != x.shape[1]:
         return f"qkv_rope: w {tuple(w.shape)} is not the q/k/v concatenation for these heads"
     if keys.stride(-1) != 1:
