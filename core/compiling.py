@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import functools
+
 import torch
 
 _COMPILED: dict[tuple[Callable, str, bool, tuple], Callable] = {}
@@ -58,3 +60,19 @@ def compiled(fn: Callable, backend: str, *, tune_reductions: bool = False,
             _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False,
                                            options=settings or None)
     return _COMPILED[key]
+
+
+@functools.cache
+def known_inductor_options(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """The Inductor settings of ``options`` ((name, value) pairs; dotted names for sub-configs) that this torch
+    knows — the rest are left out. Cached: the fast step asks for its pieces' settings whenever it builds a step."""
+    import torch._inductor.config as inductor_config
+
+    def known(name: str) -> bool:
+        owner: Any = inductor_config
+        *parents, leaf = name.split(".")
+        for part in parents:
+            owner = getattr(owner, part, None)
+        return owner is not None and hasattr(owner, leaf)
+
+    return {name: value for name, value in options if known(name)}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compiling import compiled
+from .compiling import compiled, known_inductor_options
 from .skinny_gemm import launch_for, skinny_gemm_unchecked, sum_parts
 
 __all__ = ["add_delta", "add_delta_and_norm", "final_rms_norm", "fuse_projections", "rms_norm"]
@@ -230,8 +230,8 @@ def _layer_pieces(backend: str | None, gemm: str = "cublas", writes_cache: bool 
     if backend is None:
         return first, _layer_rest
     tune = gemm == "matvec"
-    extra = _known_options(dict(inductor))
-    first_options = {**(_first_half_options() if writes_cache else {}), **extra}
+    extra = known_inductor_options(inductor)
+    first_options = {**(known_inductor_options(tuple(FIRST_HALF_OPTIONS.items())) if writes_cache else {}), **extra}
     return (compiled(first, backend, tune_reductions=tune, options=first_options or None),
             compiled(_layer_rest, backend, tune_reductions=tune, options=extra or None))
 
@@ -242,25 +242,6 @@ def _layer_pieces(backend: str | None, gemm: str = "cublas", writes_cache: bool 
 # q, k and v have one shape, and the v store joins the rotary kernel).
 # ``score_fusion_memory_threshold`` 0: the same for fusing two consumers of one buffer (the GEMM's output).
 FIRST_HALF_OPTIONS = {"aggressive_fusion": True, "score_fusion_memory_threshold": 0}
-
-
-def _first_half_options() -> dict[str, Any]:
-    """``FIRST_HALF_OPTIONS`` that this torch's Inductor knows."""
-    return _known_options(FIRST_HALF_OPTIONS)
-
-
-def _known_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The Inductor settings of ``options`` that this torch knows (dotted names for sub-configs)."""
-    import torch._inductor.config as inductor_config
-
-    def known(name: str) -> bool:
-        owner: Any = inductor_config
-        *parents, leaf = name.split(".")
-        for part in parents:
-            owner = getattr(owner, part, None)
-        return owner is not None and hasattr(owner, leaf)
-
-    return {name: value for name, value in options.items() if known(name)}
 
 
 class PrefillLayers:
