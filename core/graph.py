@@ -60,6 +60,7 @@ from .cache import StaticKVCache
 from .cfg import pair_rows
 from .decode_attention import decode_attention, decode_attention_unavailable, few_programs, launch_config
 from .embedding_table import image_embedding_table
+from .exits import head_logits
 from .fused import (GEMM_FORMS, PrefillLayers, _layer_pieces, _LayerWeights, add_delta, add_delta_and_norm,
                     final_rms_norm, fuse_projections)
 from .loop import (EOS_CHECK_EVERY, RunResult, Sampler, _Boundary, apply_schedule, finish_text, inject, prefill, run,
@@ -476,8 +477,9 @@ class _Stepper:
             h = self.normed
         else:
             h = adapter.final_norm(h)
-        logits = adapter.head(h, state.mode)  # [B, V]
+        logits = head_logits(state, hooks, h, captured)  # [B, V]; the exits' rows in the same head call
         tokens = select_token(state, hooks, logits, self.sampler)  # [P]
+        state.exits = None  # this step's: never read by another
         if self.text is not None:
             tokens = self.text.finish(state, tokens)
         _copy_by_kernel(self.tok, tokens)

@@ -15,6 +15,7 @@ import torch
 
 from .batch import PromptBatch
 from .cfg import guide_rows, pair_rows
+from .exits import head_logits, keep_exits
 from .prompt_rows import DistinctRows, distinct_rows
 from .protocol import HookRunner, KVAppend, KVEdit, LayerFn, LayerKeep, PromptForward, Rebuild, Rollback
 from .sampling import greedy, probabilities_and_flags, sample_row_rng, sample_torch
@@ -51,11 +52,12 @@ class RunResult:
 
 def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
             new_valid: torch.Tensor, *, prefill: bool, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-            layer_fn: LayerFn | None = None) -> torch.Tensor:
+            layer_fn: LayerFn | None = None, hidden: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Run ``[B, T, H]`` embeddings through every layer, writing T slots into the cache; returns the last output.
 
-    During a prefill the layer hooks may shorten the sequence from their layer on; the hidden-states hooks see the
-    last position of the layers they asked for (only those are kept). ``rows`` = ``(first [U], inverse [B])``: the
+    During a prefill the layer hooks may shorten the sequence from their layer on. ``hidden`` receives the last
+    position ``[B, H]`` of the layers ``hooks.hidden_layers`` asks for (the caller hands them to the hidden-states
+    hooks and the exits: a captured prompt forward runs no hook). ``rows`` = ``(first [U], inverse [B])``: the
     layers run over rows ``first`` only, the cache and the hooks still get all B rows (b is ``inverse[b]`` of the U),
     the output is ``[U, T, H]``. ``layer_fn`` stands in for the layer modules (``core.fused.PrefillLayers``)."""
     adapter, cache = state.adapter, state.cache
@@ -67,7 +69,7 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
     wanted = set(hooks.hidden_layers(state))
     points = set(hooks.layer_points(state)) if prefill else set()
     keep_inputs = {p - 1 for p in points}
-    captured: dict[int, torch.Tensor] = {}
+    captured = {} if hidden is None else hidden
     h, masks = embeds, {}
     for index, layer in enumerate(adapter.layers):
         if index in points:
@@ -94,8 +96,6 @@ def forward(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions
     if prefill and adapter.num_layers in state.memory.get("_prompt_layers", ()):
         state._prompt_hidden[adapter.num_layers] = every_row(h)
     cache.end_write()
-    if captured:
-        hooks.hidden_states(state, captured)
     return h
 
 
@@ -120,17 +120,22 @@ def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: tor
     ``layer_fn``: as in :func:`forward`; ``through`` stands in for :func:`prompt_logits` (the fast loop replays it)."""
     embeds = hooks.input_embeddings(state, embeds)
     rows = distinct_rows(state, hooks, embeds)
-    logits, state.next_positions = (through or prompt_logits)(state, hooks, embeds, state.prompt_positions,
-                                                              state.attention_mask, rows, layer_fn)
+    logits, state.next_positions, hidden = (through or prompt_logits)(state, hooks, embeds, state.prompt_positions,
+                                                                      state.attention_mask, rows, layer_fn)
+    if hidden:
+        hooks.hidden_states(state, hidden)
+    keep_exits(state, hooks, hidden)  # their head runs when a hook asks (one step of hundreds)
     return logits
 
 
 def prompt_logits(state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
                   valid: torch.Tensor, rows: DistinctRows | None, layer_fn: LayerFn | None) -> tuple[torch.Tensor, ...]:
-    """:func:`prefill`'s device work: the layers and the head → logits ``[B, V]`` and next positions ``[B]``."""
-    h = forward(state, hooks, embeds, positions, valid, prefill=True, rows=rows, layer_fn=layer_fn)
+    """:func:`prefill`'s device work: the layers and the head → logits ``[B, V]``, next positions ``[B]`` and the
+    kept hidden states ``{layer: [B, H]}``."""
+    hidden: dict[int, torch.Tensor] = {}
+    h = forward(state, hooks, embeds, positions, valid, prefill=True, rows=rows, layer_fn=layer_fn, hidden=hidden)
     logits = state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
-    return (logits if rows is None else logits[rows[1]]), positions[:, -1] + 1
+    return (logits if rows is None else logits[rows[1]]), positions[:, -1] + 1, hidden
 
 
 def select_token(state: StepState, hooks: HookRunner, logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
@@ -195,10 +200,12 @@ def embed_next(state: StepState, tokens: torch.Tensor) -> torch.Tensor:
 
 def decode_step(state: StepState, hooks: HookRunner, embeds: torch.Tensor) -> torch.Tensor:
     """Forward one token ``[B, 1, H]`` → logits ``[B, V]`` (fixed shapes; no host syncs)."""
-    valid = torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=embeds.device)
-    h = forward(state, hooks, embeds, state.next_positions[:, None], valid, prefill=False)
+    valid, hidden = torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=embeds.device), {}
+    h = forward(state, hooks, embeds, state.next_positions[:, None], valid, prefill=False, hidden=hidden)
     state.next_positions = state.next_positions + 1
-    return state.adapter.head(state.adapter.final_norm(h[:, -1]), state.mode)
+    if hidden:
+        hooks.hidden_states(state, hidden)
+    return head_logits(state, hooks, state.adapter.final_norm(h[:, -1]), hidden)
 
 
 def inject(state: StepState, hooks: HookRunner, actions: list[KVAppend | KVEdit]) -> None:
@@ -211,19 +218,9 @@ def inject(state: StepState, hooks: HookRunner, actions: list[KVAppend | KVEdit]
         k, rows = embeds.shape[1], action.rows
         rows = rows if rows is not None else torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
         positions = state.next_positions[:, None] + torch.arange(k, device=embeds.device)[None]
-        forward(state, _Silent(), embeds, positions, rows[:, None].expand(-1, k), prefill=False)
+        forward(state, hooks, embeds, positions, rows[:, None].expand(-1, k), prefill=False)  # no hook fires
         if action.advance:
             state.next_positions = state.next_positions + k * rows.long()
-
-
-class _Silent:
-    """The hooks as an injection forward sees them: no hidden-state or layer hooks fire on injected entries."""
-
-    def hidden_layers(self, state):
-        return []
-
-    def layer_points(self, state):
-        return []
 
 
 def roll_back(state: StepState, boundaries: dict[int, _Boundary], action: Rollback, t: int):

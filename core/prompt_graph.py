@@ -6,8 +6,9 @@ is ~5 ms, but the host takes ~20 ms to launch it, so the first token waited ~22 
 replays the prompt's graph too: the inputs are copied into the captured buffers, one replay, and the cache's host
 bookkeeping (its fill) set as the captured forward left it.
 
-Only a prefill that calls no hook with tensors is captured (no layer, hidden-state or prompt-layer hooks at the
-prefill): a hook's Python runs while capturing, not at a replay. The input-embeddings hook runs before, as always.
+Only a prefill that calls no hook inside its forward is captured (no layer or prompt-layer hooks): a hook's Python
+runs while capturing, not at a replay. The input-embeddings hook runs before, as always; the hidden-state hooks
+after, on the forward's outputs (the kept layers' last positions), replayed or not.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ __all__ = ["PromptGraph", "PromptRunner", "prompt_capturable"]
 
 
 def prompt_capturable(state: StepState, hooks: HookRunner) -> bool:
-    """Whether the prefill calls no hook with tensors (what a replay could not run)."""
-    return not (list(hooks.layer_points(state)) or list(hooks.hidden_layers(state))
-                or state.memory.get("_prompt_layers"))
+    """Whether the prefill's forward calls no hook (what a replay could not run)."""
+    return not (list(hooks.layer_points(state)) or state.memory.get("_prompt_layers"))
 
 
 def _key(state: StepState, embeds: torch.Tensor, rows: Any) -> tuple:
@@ -38,7 +38,8 @@ class PromptGraph:
     the graph reads that was made outside the capture is held here or is the model's or the kept cache's."""
 
     def __init__(self, key: tuple, inputs: tuple[torch.Tensor, ...], graph: torch.cuda.CUDAGraph,
-                 outputs: tuple[torch.Tensor, torch.Tensor], fill: list[int], rows: Any) -> None:
+                 outputs: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]], fill: list[int],
+                 rows: Any) -> None:
         self.key, self.inputs, self.graph, self.outputs, self.fill = key, inputs, graph, outputs, fill
         self.rows = rows  # the row maps the graph reads: they must outlive the run that made them
 
@@ -60,14 +61,15 @@ class PromptGraph:
         return cls(key, inputs, graph, outputs, fill, rows)
 
     def replay(self, state: StepState, embeds: torch.Tensor, positions: torch.Tensor,
-               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captured forward over these inputs → logits and next positions (copies: the next replay writes
-        the buffers again); the cache holds the prompt's entries and the fill the forward leaves."""
+               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """The captured forward over these inputs → logits, next positions and kept hidden states (copies: the
+        next replay writes the buffers again); the cache holds the prompt's entries and the fill the forward leaves."""
         for buffer, value in zip(self.inputs, (embeds, positions, valid)):
             buffer.copy_(value)
         self.graph.replay()
         state.cache.fill[:] = self.fill
-        return self.outputs[0].clone(), self.outputs[1].clone()
+        logits, next_positions, hidden = self.outputs
+        return logits.clone(), next_positions.clone(), {k: v.clone() for k, v in hidden.items()}
 
 
 class PromptRunner:
@@ -81,7 +83,7 @@ class PromptRunner:
         self.failed: str | None = None  # why a capture failed
 
     def __call__(self, state: StepState, hooks: HookRunner, embeds: torch.Tensor, positions: torch.Tensor,
-                 valid: torch.Tensor, rows: Any, layer_fn: LayerFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 valid: torch.Tensor, rows: Any, layer_fn: LayerFn | None) -> tuple:
         if self.kept is not None and self.kept.key == _key(state, embeds, rows):
             self.captured, self.replayed = self.kept, True
             return self.kept.replay(state, embeds, positions, valid)

@@ -21,7 +21,7 @@ import torch
 Path = tuple[Any, ...]
 
 # StepState fields a captured step never reads from the state itself (the loop's buffers stand in for them)
-_NOT_STEP_STATE = {"next_positions", "cache", "adapter", "trace", "memory"}
+_NOT_STEP_STATE = {"next_positions", "cache", "adapter", "trace", "memory", "exits"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from .cache import StaticKVCache
 from .cfg import guidance_weight, guide_rows
 from .compiling import compiled
+from .exits import exit_logits
 from .fused import final_rms_norm, rms_norm
 from .protocol import ModelAdapter, Mode, Trace
 
@@ -59,6 +60,7 @@ class StepState:
     _layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill: last-position input per layer
     _answer: Callable[..., list[str]] | None = None
     compile_backend: str | None = None  # set by a loop that compiles (FastOptions.compile); read by `compiled`
+    exits: Any = None  # this forward's early exits (core/exits.py `Exits`), set by the loop; read via exit_logits
 
     # -- views -----------------------------------------------------------------------------------------------
     @property
@@ -90,6 +92,12 @@ class StepState:
         module's seven), as the fast step's own final norm does."""
         h = self._final_norm(hidden) if final_norm else hidden
         return self.adapter.head(h, self.mode)  # [J, B, V]
+
+    def exit_logits(self, layers: Sequence[int], *, final_norm: bool) -> torch.Tensor:
+        """The head's logits ``[J, B, V]`` at the last position of ``layers`` (declared, with this ``final_norm``,
+        by the strategy's ``exit_layers``) in the forward whose logits the hooks see now. In the one-token step the
+        loop ran them through the head together with the final rows (one read of the head's weights)."""
+        return exit_logits(self, layers, final_norm)
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         rms = final_rms_norm(self.adapter) if self.compile_backend is not None else None

@@ -171,7 +171,12 @@ class Decoder:
         return result
 
     def hidden_layers(self, state: StepState) -> list[int]:
-        return sorted({k for s in self._at("hidden_states") for k in s.hidden_layers(state)})
+        """The layers whose last-position hidden states the loop keeps: for ``hidden_states`` and the exits."""
+        kept = {k for s in self._at("hidden_states") for k in s.hidden_layers(state)}
+        return sorted(kept | {k for k, _ in self.exit_layers(state)})
+
+    def exit_layers(self, state: StepState) -> list[tuple[int, bool]]:
+        return sorted({(int(k), bool(norm)) for s in self.strategies for k, norm in s.exit_layers(state)})
 
     def prompt_layers(self, state: StepState) -> list[int]:
         return sorted({k for s in self.strategies for k in s.prompt_layers(state)})

@@ -181,6 +181,10 @@ class Strategy:
     def prompt_layers(self, state: "StepState") -> list[int]:
         return []
 
+    def exit_layers(self, state: "StepState") -> list[tuple[int, bool]]:
+        """``(layer, final_norm)`` pairs whose head logits ``state.exit_logits`` gives this step."""
+        return []
+
     def schedule_points(self, state: "StepState") -> list[int]:
         return []
 

@@ -1,9 +1,9 @@
 """``dola``: Decoding by Contrasting Layers with the adaptive plausibility constraint (Chuang et al., ICLR 2024).
 
-The plugin wires ``strategies/dola_math.py`` to two hook points: ``hidden_states`` keeps the last-position hidden
-states of the candidate layers; ``post_cfg`` runs them through the mode's head in ONE batched call (the state's
-``heads`` service), guides the cond/uncond pairs exactly like the final logits in image mode, picks the premature
-layer and returns the contrast. The mature distribution is the logits stream DoLa receives (so
+The plugin wires ``strategies/dola_math.py`` to the ``post_cfg`` hook point: it declares the candidate layers as
+early exits (``exit_layers``: the loop runs their last-position hidden states through the mode's head in the same
+call as the final rows), guides the cond/uncond pairs of their logits exactly like the final logits in image mode,
+picks the premature layer and returns the contrast. The mature distribution is the logits stream DoLa receives (so
 ``repetition_penalty > dola`` penalises the mature logits; ``dola > repetition_penalty``, the paper's and
 transformers' order, penalises the contrast scores).
 
@@ -33,7 +33,7 @@ class DoLa(Strategy):
         Param("selection", "str", None, "'batch' (text default) or 'row' (image default)", choices=("batch", "row")),
         Param("final_norm", "bool", None, "apply the final norm to early exits (text default false, image true)"),
     )
-    hooks = ("hidden_states", "post_cfg")
+    hooks = ("post_cfg",)
 
     def check(self) -> None:
         layers = self.config["layers"]
@@ -60,19 +60,11 @@ class DoLa(Strategy):
         self._layer_ids = torch.tensor(self._layers, device=state.adapter.device)
         self._chosen = state.step_buffer("dola.premature_layer", (state.num_pairs,), torch.long)
 
-    def hidden_layers(self, state) -> list[int]:
-        return self._layers
-
-    def hidden_states(self, state, hidden: dict[int, torch.Tensor]) -> None:
-        parts = [hidden[k] for k in self._layers]
-        kept = state.memory.get("dola.hidden")  # [J, B, H]
-        if kept is not None and kept.shape == (len(parts), *parts[0].shape) and kept.dtype == parts[0].dtype:
-            torch.stack(parts, out=kept)  # in place: a captured step then needs no copy back into the buffer
-        else:
-            state.memory["dola.hidden"] = torch.stack(parts)
+    def exit_layers(self, state) -> list[tuple[int, bool]]:
+        return [(layer, self._final_norm) for layer in self._layers]
 
     def post_cfg(self, state, logits: torch.Tensor) -> torch.Tensor:
-        early = state.heads(state.memory["dola.hidden"], final_norm=self._final_norm)  # [J, B, V]
+        early = state.exit_logits(self._layers, final_norm=self._final_norm)  # [J, B, V]
         if state.mode == "image":
             early = state.guide(early.transpose(0, 1)).transpose(0, 1)  # [J, P, V]
         contrast, index = state.compiled(dola_step)(

@@ -209,15 +209,17 @@ def select_premature(
     return best.gather(0, gid[0])  # [R]
 
 
-def _plausible(log_probs: torch.Tensor, alpha: _Scalar, min_tokens_to_keep: int) -> torch.Tensor:
+def _plausible(log_probs: torch.Tensor, alpha: _Scalar, min_tokens_to_keep: int,
+               top: torch.Tensor | None = None) -> torch.Tensor:
     # V_head as DoLa's relative_top_filter builds it, in the log domain:
-    # keep x iff ls(x) >= min(k-th largest ls, max ls + log α); -inf entries are never kept.
+    # keep x iff ls(x) >= min(k-th largest ls, max ls + log α); -inf entries are never kept. `top`: the row max
+    # [R, 1] when the caller has it.
     if isinstance(alpha, torch.Tensor):
         log_alpha = alpha.to(dtype=log_probs.dtype, device=log_probs.device).log()  # log 0 = -inf keeps all
     else:
         log_alpha = math.log(alpha) if alpha > 0 else -math.inf
     k = min(min_tokens_to_keep, log_probs.shape[-1])
-    top = log_probs.amax(dim=-1, keepdim=True)  # [R, 1]
+    top = log_probs.amax(dim=-1, keepdim=True) if top is None else top  # [R, 1]
     # k = 1 (the default) is the max itself: topk's kernel costs ~65 µs a step on an H200, the max ~3 µs
     kth = top if k == 1 else torch.topk(log_probs, k, dim=-1).values[..., -1:]  # [R, 1]
     threshold = torch.minimum(kth, top + log_alpha)  # [R, 1]
@@ -273,10 +275,10 @@ def dola_contrast(
 
 
 def _contrast(ls_final: torch.Tensor, ls_premature: torch.Tensor, alpha: _Scalar,
-              min_tokens_to_keep: int) -> torch.Tensor:
+              min_tokens_to_keep: int, top: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`dola_contrast` from the log-probabilities ``[R, V]`` of the final and the premature layer."""
     ls_premature = ls_premature.clamp_min(torch.finfo(ls_final.dtype).min)
-    head = _plausible(ls_final, alpha, min_tokens_to_keep)  # [R, V] bool
+    head = _plausible(ls_final, alpha, min_tokens_to_keep, top)  # [R, V] bool
     contrast = ls_final - ls_premature
     return torch.where(head, contrast, torch.full_like(contrast, -math.inf))  # [R, V]
 
@@ -311,14 +313,18 @@ def dola_step(
         raise ValueError(f"`min_tokens_to_keep` must be an int >= 1, got {min_tokens_to_keep!r}")
     if not isinstance(alpha, torch.Tensor) and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
-    rows = final_logits.shape[0]
-    # each log-softmax once: the distance and the contrast share them (two vocabulary-wide reductions fewer a step)
-    ls_final = torch.log_softmax(final_logits.float(), dim=-1)  # [R, V]
-    ls_early = torch.log_softmax(premature_logits.float(), dim=-1)  # [J, R, V]
+    rows, final = final_logits.shape[0], final_logits.float()
+    # One log-softmax over the final and the candidates' rows (a row's result does not depend on the others), shared
+    # by the distance and the contrast. The head's threshold needs max ls_final: log-softmax is x ↦ x − c per row,
+    # monotone in fp32 too, so that max is ls_final at the argmax of the logits — a reduction over the raw input,
+    # which a compiler fuses into the log-softmax's own pass instead of a pass of its own over ls_final.
+    ls = torch.log_softmax(torch.cat([final[None], premature_logits.float()]), dim=-1)  # [1 + J, R, V]
+    ls_final, ls_early = ls[0], ls[1:]
+    top = ls_final.gather(-1, final.argmax(dim=-1, keepdim=True))  # [R, 1] = ls_final.amax(-1), exactly
     if ls_early.shape[0] == 1:
         index = torch.zeros(rows, dtype=torch.long, device=ls_final.device)
     else:
         index = select_premature(_distance(ls_final[None], ls_early, distance), selection=selection)  # [R]
     ls_premature = ls_early[index, torch.arange(rows, device=ls_final.device)]  # [R, V]
-    contrast = _contrast(ls_final, ls_premature, alpha, min_tokens_to_keep)
+    contrast = _contrast(ls_final, ls_premature, alpha, min_tokens_to_keep, top)
     return contrast.to(final_logits.dtype), index

@@ -165,6 +165,9 @@ class StrategyLogitsProcessor(LogitsProcessor):
         if "text" not in strategy.modes or strategy.needs:
             raise StrategyError(f"`{strategy.name}`: needs {list(strategy.needs)} / modes {list(strategy.modes)}; a "
                                 "LogitsProcessor runs in plain text generation")
+        if type(strategy).exit_layers is not Strategy.exit_layers:
+            raise StrategyError(f"`{strategy.name}`: reads early exits' logits (exit_layers), which a "
+                                "LogitsProcessor never sees")
         if type(strategy).after_sample is not Strategy.after_sample:
             raise StrategyError(f"`{strategy.name}`: reads the sampled tokens (after_sample), which a "
                                 "LogitsProcessor never sees")

@@ -17,8 +17,8 @@ and, at the ``pre_logits`` and ``post_cfg`` hook points, in every declared mode 
 * **CFG pairs stay paired** (``pre_logits``, image mode): identical cond and uncond rows give identical outputs;
 * **deterministic**: a fresh instance on a fresh state gives the same output.
 
-Strategies at other hook points (``hidden_states``, ``layer``, ``kv_inject``, ``schedule``, ``input_embeddings``)
-cannot run on loose tensors; for them the per-hook checks run inside short real runs of the tiny model instead. Every
+Strategies at other hook points (``hidden_states``, ``layer``, ``kv_inject``, ``schedule``, ``input_embeddings``), and
+those that declare early exits (``exit_layers``), cannot run on loose tensors; for them the per-hook checks run inside short real runs of the tiny model instead. Every
 strategy then goes through those runs (:mod:`janus_decoding.testing.model_contract`): declared hook points actually
 called, each declared mode works, outputs of the declared types, determinism, rows independent on a padded
 two-prompt batch, CFG pairs kept paired.
@@ -127,9 +127,9 @@ def run_contract(cls: type[Strategy], params: dict[str, Any], *, max_examples: i
     instance = _build(cls, params, label)
     _check_spec_round_trip(cls, instance, label)
     _check_parameter_ranges(cls, params, label)
-    # Loose tensors serve strategies that read only logits and history; one that needs an input image or a Janus
-    # model (services such as image features) is checked on the model runs alone.
-    if all(h in LOGITS_POINTS for h in cls.hooks) and not cls.needs:
+    # Loose tensors serve strategies that read only logits and history; one that needs an input image, a Janus
+    # model (services such as image features) or early exits' logits is checked on the model runs alone.
+    if all(h in LOGITS_POINTS for h in cls.hooks) and not cls.needs and not _own_method(cls, "exit_layers"):
         for point in cls.hooks:
             for mode in cls.modes:
                 _check_logits_point(cls, params, label, point, mode, max_examples, torch.device(device))

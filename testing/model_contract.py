@@ -6,7 +6,7 @@ generation, ``run_text`` for image understanding) on a tiny random checkpoint wr
 so that every call is counted and its inputs and outputs are checked. Properties (named in :class:`ContractError`):
 
 * **hook points**: every declared hook point is called in some declared mode; declarations (``layer_points``,
-  ``hidden_layers``, ``prompt_layers``, ``schedule_points``, ``kv_growth``) stay in range;
+  ``hidden_layers``, ``exit_layers``, ``prompt_layers``, ``schedule_points``, ``kv_growth``) stay in range;
 * **modes**: a run in each declared mode completes;
 * **inputs not mutated**: hook arguments and the loop's views (``prompt_ids``, ``generated``, ``history``,
   ``prompt_positions``, ``attention_mask``) are unchanged by each call;
@@ -324,6 +324,18 @@ def _instrument(strategy: Strategy, probe: _Probe) -> None:
             return values
 
         setattr(strategy, name, declared)
+    exits = strategy.exit_layers
+
+    def declared_exits(state, _original=exits):
+        values = _original(state)
+        bad = [v for v in values if not (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], int)
+                                         and 0 <= v[0] <= state.num_layers and isinstance(v[1], bool))]
+        if bad:
+            raise _Failure("hook points", f"`exit_layers` returned {bad[0]!r}, not a (layer in [0, "
+                                          f"{state.num_layers}], final_norm bool) pair")
+        return values
+
+    strategy.exit_layers = declared_exits
 
 
 class _Watch:

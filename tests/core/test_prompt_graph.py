@@ -28,8 +28,8 @@ def _state(model, decoder, prompts=("a red fox", "a red fox")):
 class _Captured:
     """Stands in for a PromptGraph: its key, and what a replay returns."""
 
-    def __init__(self, key, logits, next_positions):
-        self.key, self.out, self.replays = key, (logits, next_positions), 0
+    def __init__(self, key, logits, next_positions, hidden=None):
+        self.key, self.out, self.replays = key, (logits, next_positions, hidden or {}), 0
 
     def replay(self, state, embeds, positions, valid):
         self.replays += 1
@@ -80,8 +80,36 @@ def test_a_failed_capture_leaves_the_eager_prefill_and_says_why(janus, monkeypat
     assert state.cache.fill == [batch.ids.shape[1]] * janus.num_layers
 
 
-@pytest.mark.parametrize("spec, capturable", [("", True), ("top_k(top_k=5)", True), ("dola(layers=[0, 1])", False)])
-def test_only_a_prefill_that_calls_no_hook_with_tensors_is_captured(janus, spec, capturable):
-    decoder = Decoder.from_spec(spec)
+class _LayerHookAt1(Decoder):
+    """A decoder whose hook acts between layers 0 and 1 of the prefill (as a pruning hook does)."""
+
+    def layer_points(self, state):
+        return [1]
+
+
+@pytest.mark.parametrize("make, capturable", [
+    (Decoder, True), (lambda: Decoder.from_spec("top_k(top_k=5)"), True),
+    (lambda: Decoder.from_spec("dola(layers=[0, 1])"), True),  # its hidden states are outputs; the hook runs after
+    (_LayerHookAt1, False)], ids=["plain", "top_k", "dola", "layer-hook"])
+def test_only_a_prefill_whose_forward_calls_no_hook_is_captured(janus, make, capturable):
+    decoder = make()
     state, _ = _state(janus, decoder)
     assert prompt_capturable(state, decoder) is capturable
+
+
+def test_a_replayed_prefill_hands_its_hidden_states_to_the_exits(janus, monkeypatch):
+    """DoLa's prefill replays too: the forward's kept hidden states are outputs of the graph, and the exits (and the
+    hidden-state hooks) get the replay's, so the first token's contrast uses this run's prompt."""
+    decoder = Decoder.from_spec("dola(layers=[0, 1])")
+    state, batch = _state(janus, decoder)
+    hidden = {layer: torch.randn(state.rows, janus.hidden_size) for layer in (0, 1)}
+    kept = _Captured(prompt_graph._key(state, janus.embed_text(batch.ids), None), None,
+                     state.prompt_positions[:, -1] + 1, hidden)
+    runner = PromptRunner(kept, capture=False)
+    monkeypatch.setattr(prompt_graph, "_key", lambda *args: kept.key)  # whatever the rows: this is the kept prompt
+    logits = prefill(state, decoder, batch, janus.embed_text(batch.ids), through=runner)
+    assert runner.replayed and logits is None
+    assert state.exits.keys == ((0, True), (1, True)) and state.exits.logits is None
+    assert all(state.exits.hidden[layer] is hidden[layer] for layer in (0, 1))
+    early = state.exit_logits([0, 1], final_norm=True)  # the head runs now, over the replay's hidden states
+    assert early.shape == (2, state.rows, janus.image_vocab_size)

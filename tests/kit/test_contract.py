@@ -38,7 +38,7 @@ def test_builtins_pass_with_other_parameters(cls, params):
 @pytest.mark.parametrize("params", [{}, {"selection": "row"}, {"layers": [0, 2], "distance": "textbook"}],
                          ids=["default", "row", "two-layers"])
 def test_dola_passes(params):
-    """DoLa (hidden_states + post_cfg) runs on the tiny model: its hooks are called and checked in both modes."""
+    """DoLa (exit layers + post_cfg) runs on the tiny model: its hooks are called and checked in both modes."""
     check_strategy(DoLa, **params)
 
 

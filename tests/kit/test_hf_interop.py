@@ -163,7 +163,7 @@ def test_exported_processor_restarts_for_a_new_generation(tiny_llama):
 
 
 def test_only_logits_strategies_export():
-    with pytest.raises(StrategyError, match="hidden_states"):
+    with pytest.raises(StrategyError, match="exit_layers"):
         as_logits_processor(DoLa())
     with pytest.raises(TypeError, match="configured Strategy"):
         as_logits_processor(TopK)

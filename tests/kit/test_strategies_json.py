@@ -65,4 +65,4 @@ def test_one_strategy_by_name():
     result = CliRunner().invoke(main, ["strategies", "dola", "--json"])
     assert result.exit_code == 0, result.output
     item = json.loads(result.stdout)
-    assert item["name"] == "dola" and item["hooks"] == ["hidden_states", "post_cfg"]
+    assert item["name"] == "dola" and item["hooks"] == ["post_cfg"]

@@ -398,6 +398,9 @@ def test_step_is_the_composition(data):
     gen = torch.Generator().manual_seed(seed)
     final = torch.randn(r, v, generator=gen) * 3
     premature = torch.randn(j, r, v, generator=gen) * 3
+    if data.draw(st.booleans()):  # a mask on the final logits (as a top-k before DoLa leaves): ties at the max too
+        final[:, : v // 2] = -math.inf
+        final[:, -2:] = final[:, -1:]
     selection = data.draw(st.sampled_from(["batch", "row"]))
     distance = data.draw(st.sampled_from(["official", "textbook"]))
     alpha = data.draw(st.sampled_from([0.0, 0.1, 0.5]))

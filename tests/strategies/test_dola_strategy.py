@@ -71,7 +71,7 @@ def test_bad_parameters_name_the_parameter(spec, culprit) -> None:
         Decoder.from_spec(spec)
 
 
-def test_candidate_layers_go_through_the_head_in_one_call(tiny_model) -> None:
+def test_candidate_layers_go_through_the_head_with_the_final_rows(tiny_model) -> None:
     calls = []
     head = tiny_model.model.model.generation_head
     handle = head.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
@@ -80,10 +80,12 @@ def test_candidate_layers_go_through_the_head_in_one_call(tiny_model) -> None:
             Decoder.from_spec('dola(layers=[0, 1, 2])').generate_images(tiny_model, ["a cube"], n=2, seed=0)
     finally:
         handle.remove()
-    steps = tiny_model.image_grid[0] * tiny_model.image_grid[1]
-    batched = [s for s in calls if len(s) == 3]  # [J, B, H]: the early exits
-    assert len(batched) == steps and all(s[0] == 3 for s in batched)
-    assert len(calls) == 2 * steps  # one call for the final layer, one for all candidates, per step
+    steps, rows = tiny_model.image_grid[0] * tiny_model.image_grid[1], 4  # 2 images with CFG
+    # the prefill: the final rows (its two distinct rows: prompt and unconditional), then the three exits of every
+    # row in one batched call when DoLa asks for them
+    assert calls[:2] == [(2, 64), (3, rows, 64)]
+    # every later step: ONE head call over the final rows and the exits' rows (the head's weights read once)
+    assert calls[2:] == [(rows * (1 + 3), 64)] * (steps - 1)
 
 
 def test_image_mode_dola_runs_and_keeps_pairs_per_row(tiny_model) -> None:
