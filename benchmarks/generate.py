@@ -73,8 +73,6 @@ VARIANTS: dict[str, FastOptions] = {  # the first is the one --check compares; f
     "graph-compiled-no-prompt-graph": FastOptions(compile="inductor", prompt_graph=False),
     "graph-compiled-before": FastOptions(compile="inductor", rotary_in_gemm=False, image_table=False,
                                          prompt_graph=False),
-    # the prompt's slots read once per distinct prompt (cascade attention, core/shared_prefix.py)
-    "graph-compiled-shared": FastOptions(compile="inductor", shared_prefix=True),
     "graph-cublas": FastOptions(gemm="cublas"),
     "graph-autotuned": FastOptions(compile="max-autotune"),  # the same, GEMMs timed against Triton templates
     # the project's split-KV decode attention instead of SDPA ("auto" picks SDPA at 16 images with CFG)

@@ -36,7 +36,7 @@ for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case "$stage" in
     tests)
-      timeout ${LIMIT_tests:-300} python3 -m pytest -q -p no:cacheprovider tests/core/test_decode_attention.py tests/core/test_fused.py tests/core/test_skinny_gemm.py tests/core/test_graph.py tests/core/test_graph_text.py tests/core/test_graph_reuse.py tests/core/test_prefill_rows.py tests/core/test_qkv_rope.py tests/core/test_embedding_table.py tests/core/test_sampling.py tests/core/test_shared_prefix.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
+      timeout ${LIMIT_tests:-300} python3 -m pytest -q -p no:cacheprovider tests/core/test_decode_attention.py tests/core/test_fused.py tests/core/test_skinny_gemm.py tests/core/test_graph.py tests/core/test_graph_text.py tests/core/test_graph_reuse.py tests/core/test_prefill_rows.py tests/core/test_qkv_rope.py tests/core/test_embedding_table.py tests/core/test_sampling.py -rs 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15 ;;
     tiny|1b|7b)
       limit_var="LIMIT_$stage"; args_var="GENERATE_ARGS_$stage"; tag_var="TAG_$stage"
       limit=${!limit_var:-$([ "$stage" = 7b ] && echo 300 || echo 200)}

@@ -70,7 +70,6 @@ from .prompt_graph import PromptGraph, PromptRunner, prompt_capturable
 from .qkv_rope import qkv_rope, qkv_rope_unavailable
 from .reuse import Slot, detach, memory_tensors, run_tensors, snapshot, transplant
 from .sampling import race_from, row_key_hash, vocab_hash
-from .shared_prefix import PrefixRows, prefix_attention_merge, suffix_attention
 from .skinny_gemm import AUTO_ROWS, load_kernels, skinny_gemm_cannot_run
 from .state import StepState
 
@@ -128,9 +127,6 @@ class FastOptions:
     # Inductor settings for the compiled layer pieces, as (name, value) pairs (dotted names for sub-configs, e.g.
     # ("triton.cooperative_reductions", True)); names this torch does not know are left out
     inductor: tuple[tuple[str, Any], ...] = ()
-    # "sdpa" with fused layers, when the prefill found rows with identical prompts: read the prompt's slots once per
-    # distinct prompt (core/shared_prefix.py: cuDNN over the generated slots, a kernel for the prompt and the merge)
-    shared_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.layers not in ("fused", "transformers"):
@@ -307,33 +303,6 @@ class _Stepper:
             nkv, length = adapter.num_kv_heads, cache.max_len
             self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)
             self.cu_k = torch.arange(b + 1, dtype=torch.int32, device=device) * (nkv * length)
-        # the prompt's slots, shared by rows of one prompt, read once per distinct prompt (FastOptions.shared_prefix)
-        self.prefix_len, self.prefix_rows = 0, None
-        why = self._no_shared_prefix()
-        if why is None:
-            self.prefix_len = state.prompt_ids.shape[1]
-            self.prefix_rows = PrefixRows.build(*state._shared_rows.key, device)
-        elif options.shared_prefix:
-            _say_once(f"fast path: shared_prefix is off for this run ({why})")
-
-    def _no_shared_prefix(self) -> str | None:
-        """Why the step cannot read the prompt's slots once per distinct prompt, or None."""
-        state, cache = self.state, self.state.cache
-        if not self.options.shared_prefix:
-            return "not asked for"
-        if self.attention != "sdpa" or self.weights is None:
-            return "it needs the fused layers and attention='sdpa'"
-        if state._shared_rows is None:
-            return "the prefill found no rows with the same prompt"
-        if any(c != cache.max_len for c in self.capacity) or len(set(cache.group)) > 1:
-            return "layers hold different slots (a pruning hook)"
-        strategies = getattr(self.hooks, "strategies", None)
-        if strategies is None and not isinstance(self.hooks, NoHooks):
-            return f"hooks of type {type(self.hooks).__name__} do not say what they do"
-        acting = {point for s in strategies or [] for point in s.hooks}
-        if acting & {"kv_inject", "schedule", "layer"}:  # they may make rows' prompt entries differ
-            return "a strategy injects, rolls back or prunes"
-        return None
 
     def _rotary_in_gemm(self, first: _LayerWeights) -> bool:
         """Whether the layers' first halves run as norm + :func:`qkv_rope` (the Triton GEMM's path with the first
@@ -360,8 +329,6 @@ class _Stepper:
             self.slot.copy_(torch.tensor(fills, dtype=torch.long))
         self.tok.copy_(tokens)
         state.step_t.fill_(t)
-        if self.prefix_rows is not None:  # a later run's rows (the signature holds their grouping)
-            self.prefix_rows.copy_(PrefixRows.build(*state._shared_rows.key, self.tok.device))
         if self.row_draw is not None:
             self.row_draw.refresh(state)
         if self.attention == "flash" and not self._all_visible():
@@ -413,8 +380,7 @@ class _Stepper:
         need = max(cache.fill) + 1
         if bucket == 0:
             return cache.max_len
-        start = self.prefix_len  # with a shared prefix, the generated slots come in buckets after the prompt
-        return min(cache.max_len, start + -(-(need - start) // bucket) * bucket)
+        return min(cache.max_len, -(-need // bucket) * bucket)
 
     def step(self, t: int, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step through the fast body (replayed, captured or run); returns the tokens buffer."""
@@ -528,8 +494,7 @@ class _Stepper:
         for layer, group in enumerate(cache.group):
             read = min(length, self.capacity[layer])
             if (group, read) not in made:
-                start = self.prefix_len  # the shared prompt's slots are masked by the prefix kernel itself
-                visible = cache.valid[layer, :, start:read] & (self.slot_ids[start:read] <= self.slot[layer])
+                visible = cache.valid[layer, :, :read] & (self.slot_ids[:read] <= self.slot[layer])  # [B, R]
                 made[group, read] = torch.where(visible, self.mask_values[0], self.mask_values[1])[:, None, None, :]
             masks.append(made[group, read])
         return masks
@@ -614,12 +579,6 @@ class _Stepper:
             return self._flash(q, keys, values, used[cache.group[index]], scale)
         b, nq, d = q.shape
         query = q.reshape(b, keys.shape[1], nq // keys.shape[1], d)  # one query token: GQA's shared heads as rows
-        if self.prefix_len:
-            start = self.prefix_len
-            out, lse = suffix_attention(query, keys[:, :, start:length], values[:, :, start:length], masks[index],
-                                        scale)
-            return prefix_attention_merge(q, keys, values, cache.valid[index], self.prefix_rows, start, out, lse,
-                                          scale)
         out = F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length],
                                              attn_mask=masks[index], scale=scale)
         return out.reshape(b, nq * d)
@@ -691,8 +650,7 @@ class FastLoop:
                 state.num_pairs, state.rows, state.total_steps, tuple(state.prompt_ids.shape), state.cfg_schedule,
                 tuple(state.history.shape), state.history_offset, state.compile_backend, sampler.greedy, sampler.rng,
                 id(generator), id(sampler.row_draw), None if text is None else (text.eos_id, text.pad_id),
-                id(state.cache), tuple(sorted(state.memory.get("_prompt_layers", ()))),
-                None if state._shared_rows is None else state._shared_rows.key)
+                id(state.cache), tuple(sorted(state.memory.get("_prompt_layers", ()))))
 
     def eager_reason(self, state: StepState, hooks: HookRunner, sampler: Sampler) -> str | None:
         """Why a whole run must go through the eager loop, or None."""

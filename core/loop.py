@@ -119,7 +119,7 @@ def prefill(state: StepState, hooks: HookRunner, batch: PromptBatch, embeds: tor
     one) are run once (:func:`distinct_rows`); every row still gets its cache entries, hidden states and logits.
     ``layer_fn``: as in :func:`forward`; ``through`` stands in for :func:`prompt_logits` (the fast loop replays it)."""
     embeds = hooks.input_embeddings(state, embeds)
-    state._shared_rows = rows = distinct_rows(state, hooks, embeds)
+    rows = distinct_rows(state, hooks, embeds)
     logits, state.next_positions, hidden = (through or prompt_logits)(state, hooks, embeds, state.prompt_positions,
                                                                       state.attention_mask, rows, layer_fn)
     if hidden:

@@ -58,7 +58,6 @@ class StepState:
     memory: dict[str, Any] = field(default_factory=dict)  # per-run scratch space, keyed by strategy name
     _prompt_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     _layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # prefill: last-position input per layer
-    _shared_rows: Any = None  # the prefill's identical rows (core.prompt_rows.DistinctRows), or None
     _answer: Callable[..., list[str]] | None = None
     compile_backend: str | None = None  # set by a loop that compiles (FastOptions.compile); read by `compiled`
     exits: Any = None  # this forward's early exits (core/exits.py `Exits`), set by the loop; read via exit_logits
