@@ -241,8 +241,22 @@ class RebuildsInTextMode(RedoLast):
         return Rebuild(["a dog"] * state.num_pairs)
 
 
+class ExitPastTheLastLayer(Strategy):
+    """Asks for an early exit at a layer the model does not have."""
+
+    name = "exit_past_the_last_layer"
+    hooks = ("post_cfg",)
+
+    def exit_layers(self, state):
+        return [(state.num_layers + 1, True)]
+
+    def post_cfg(self, state, logits):
+        return logits
+
+
 @pytest.mark.parametrize(("cls", "prop"), [
     (MutatesEmbeds, "inputs not mutated"),
+    (ExitPastTheLastLayer, "hook points"),
     (NoisyEmbeds, "deterministic"),
     (ScalesFirstRow, "CFG pairs stay paired"),
     (DropsFirstPositions, "rows independent"),
