@@ -18,10 +18,10 @@ and, at the ``pre_logits`` and ``post_cfg`` hook points, in every declared mode 
 * **deterministic**: a fresh instance on a fresh state gives the same output.
 
 Strategies at other hook points (``hidden_states``, ``layer``, ``kv_inject``, ``schedule``, ``input_embeddings``), and
-those that declare early exits (``exit_layers``), cannot run on loose tensors; for them the per-hook checks run inside short real runs of the tiny model instead. Every
-strategy then goes through those runs (:mod:`janus_decoding.testing.model_contract`): declared hook points actually
-called, each declared mode works, outputs of the declared types, determinism, rows independent on a padded
-two-prompt batch, CFG pairs kept paired.
+those that declare early exits (``exit_layers``), cannot run on loose tensors; for them the per-hook checks run inside
+short real runs of the tiny model instead. Every strategy then goes through those runs
+(:mod:`janus_decoding.testing.model_contract`): declared hook points actually called, each declared mode works,
+outputs of the declared types, determinism, rows independent on a padded two-prompt batch, CFG pairs kept paired.
 """
 
 from __future__ import annotations
