@@ -75,7 +75,8 @@ class StrategyHookPoints:
 
     def hidden_states(self, state: "StepState", hidden: dict[int, torch.Tensor]) -> None:
         """Per step, after the forward: read the last-position hidden states ``{k: [B, H]}`` of the layers declared by
-        ``hidden_layers(state)`` (only those are kept). Read-only; store what you need in ``state.memory``.
+        ``hidden_layers(state)`` (only those are kept). Read-only; store what you need in ``state.memory``. (For
+        early-exit logits, declare ``exit_layers(state)`` and read ``state.exit_logits`` at a logits hook instead.)
         """
 
     def pre_logits(self, state: "StepState", logits: torch.Tensor) -> torch.Tensor:
